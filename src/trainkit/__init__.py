@@ -1,0 +1,59 @@
+"""trainkit: typed, reusable PyTorch training parts grown from the PyTorch tutorials.
+
+Example:
+    >>> from trainkit import fit, WrappedDataLoader, accuracy
+"""
+
+from trainkit.callbacks import (
+    HOOKS,
+    Callback,
+    EarlyStopping,
+    ProgressBar,
+    StopTraining,
+    show_training_loop,
+)
+from trainkit.data import (
+    DeviceDataLoader,
+    LoaderOptions,
+    WrappedDataLoader,
+    get_data,
+    get_device,
+    to_device,
+)
+from trainkit.datasets import fashion_mnist
+from trainkit.layers import Lambda
+from trainkit.loop import LossFn, evaluate, fit, loss_batch, predict
+from trainkit.metrics import BatchMetric, Metric, MetricArg, accuracy
+from trainkit.state import History, Status, TrainState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HOOKS",
+    "BatchMetric",
+    "Callback",
+    "DeviceDataLoader",
+    "EarlyStopping",
+    "History",
+    "Lambda",
+    "LoaderOptions",
+    "LossFn",
+    "Metric",
+    "MetricArg",
+    "ProgressBar",
+    "Status",
+    "StopTraining",
+    "TrainState",
+    "WrappedDataLoader",
+    "__version__",
+    "accuracy",
+    "evaluate",
+    "fashion_mnist",
+    "fit",
+    "get_data",
+    "get_device",
+    "loss_batch",
+    "predict",
+    "show_training_loop",
+    "to_device",
+]

@@ -1,0 +1,14 @@
+"""Callbacks: the hook protocol and the built-in callbacks."""
+
+from trainkit.callbacks.base import HOOKS, Callback, StopTraining, show_training_loop
+from trainkit.callbacks.early_stopping import EarlyStopping
+from trainkit.callbacks.progress import ProgressBar
+
+__all__ = [
+    "HOOKS",
+    "Callback",
+    "EarlyStopping",
+    "ProgressBar",
+    "StopTraining",
+    "show_training_loop",
+]

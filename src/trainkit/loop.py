@@ -1,0 +1,452 @@
+"""The training loop: `loss_batch`, `fit`, `evaluate`, `predict`, and nothing else."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence, Sized
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from trainkit.callbacks.base import Callback, StopTraining, overrides, sort_callbacks
+from trainkit.callbacks.progress import ProgressBar
+from trainkit.data import _canonical, to_device
+from trainkit.metrics import Metric, MetricArg, named_metrics
+from trainkit.state import History, TrainState
+
+__all__ = ["LossFn", "evaluate", "fit", "loss_batch", "predict"]
+
+LossFn = Callable[[Any, Any], Tensor]
+"""A loss function `loss_func(output, target) -> 0-dim tensor`, such as `F.cross_entropy`."""
+
+
+def loss_batch(
+    model: nn.Module, loss_func: LossFn, xb: Any, yb: Any, opt: Optimizer | None = None
+) -> tuple[float, int]:
+    """Compute the loss of one batch and, given `opt`, take one optimizer step (the tutorial's).
+
+    Args:
+        model: The model; called as `model(xb)`.
+        loss_func: Called as `loss_func(model(xb), yb)`; must return a 0-dim tensor.
+        xb: Inputs.
+        yb: Targets.
+        opt: If given: backward, `opt.step()`, `opt.zero_grad()`.
+
+    Returns:
+        `(loss, len(xb))`, the loss as a Python float. Reading it waits for the device once
+        per call; `fit` avoids that per step.
+
+    Raises:
+        TypeError, ValueError: `loss_func` returned something other than a 0-dim tensor.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> import torch.nn.functional as F
+        >>> model = nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> xb, yb = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+        >>> loss, n = loss_batch(model, F.cross_entropy, xb, yb, opt)
+        >>> n
+        8
+    """
+    loss = _check_loss(loss_func(model(xb), yb), loss_func)
+    if opt is not None:
+        torch.autograd.backward(loss)
+        opt.step()
+        opt.zero_grad()
+    return loss.item(), _batch_size(xb, yb)
+
+
+def fit(
+    epochs: int,
+    model: nn.Module,
+    loss_func: LossFn,
+    opt: Optimizer,
+    train_dl: Iterable[Any],
+    valid_dl: Iterable[Any] | None = None,
+    *,
+    callbacks: Sequence[Callback] = (),
+    metrics: MetricArg = (),
+    progress: bool | Literal["auto"] = "auto",
+    device: torch.device | str | None = None,
+) -> History:
+    """Train `model` for `epochs` epochs, validating after each: the tutorial's `fit`, kept.
+
+    The positional arguments are those of "What is torch.nn really?", so its code runs
+    unchanged. Each epoch: `model.train()`, for each batch of `train_dl` forward, backward,
+    `opt.step()`, `opt.zero_grad()`; then, given `valid_dl`, `model.eval()` and under
+    `torch.no_grad()` the validation loss (weighted by batch size, as the tutorial) and metrics.
+    Batches are moved to the model's device. Nothing in a training step reads a value back from
+    the device, except the progress bar at its refresh interval.
+
+    Args:
+        epochs: Number of passes over `train_dl`, at least 1.
+        model: The model to train, in place.
+        loss_func: `loss_func(model(xb), yb)` must return a 0-dim tensor.
+        opt: Optimizer over (some of) the model's parameters.
+        train_dl: Yields `(xb, yb)` pairs (a `DataLoader`, `WrappedDataLoader`, ...). Adapt
+            other batch shapes with `WrappedDataLoader(dl, func)`.
+        valid_dl: Yields `(xb, yb)` pairs; optional.
+        callbacks: `Callback`s, run by their `order`, then in the order given.
+        metrics: Validation metrics: `Metric` objects or batch functions like `accuracy`,
+            recorded as `val_<name>`; a mapping names them explicitly.
+        progress: `"auto"`: a bar on a terminal or notebook, one line per epoch otherwise;
+            `True`: always a bar; `False`: print nothing.
+        device: Move the model there first; by default batches go to the device of the model's
+            first parameter (the CPU for a model without parameters).
+
+    Returns:
+        The `History` of the run: one record per completed epoch.
+
+    Raises:
+        ValueError: `epochs` < 1, empty `train_dl`, `opt` holds none of the model's parameters,
+            metrics without `valid_dl`, or a loss that is not 0-dim.
+        TypeError: a batch that is not an `(input, target)` pair, or a loss that is not a tensor.
+        Exception: any error raised by the model, the loss or a callback, unchanged, after
+            `on_exception` and `on_fit_end` ran.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from torch.utils.data import TensorDataset
+        >>> from trainkit import accuracy, get_data
+        >>> ds = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+        >>> train_dl, valid_dl = get_data(ds, ds, bs=16)
+        >>> model = nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> history = fit(2, model, F.cross_entropy, opt, train_dl, valid_dl,
+        ...               metrics=[accuracy], progress=False)
+        >>> len(history["val_accuracy"])
+        2
+    """
+    _check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
+    if device is not None:
+        model.to(device)
+    dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    named = named_metrics(metrics)
+    if progress is not False:
+        callbacks = [*callbacks, ProgressBar(force_bar=progress is True)]
+    cbs = sort_callbacks(callbacks)
+    hooks = {name: [getattr(cb, name) for cb in cbs if overrides(cb, name)] for name in _HOOKS}
+    state = TrainState(model, loss_func, opt, train_dl, valid_dl, epochs, dev)
+    try:
+        _call(hooks["on_fit_start"], state)
+        for epoch in range(epochs):
+            state.epoch = epoch
+            _train_epoch(state, hooks, named)
+        state.status = "completed"
+    except StopTraining as stop:
+        state.status, state.stop_reason = "stopped", str(stop)
+    except BaseException as exc:
+        state.status, state.exception = "failed", exc
+        for on_exception in hooks["on_exception"]:
+            _note_failure(exc, on_exception, state, exc)
+        for on_fit_end in hooks["on_fit_end"]:
+            _note_failure(exc, on_fit_end, state)
+        raise
+    _call(hooks["on_fit_end"], state)
+    return state.history
+
+
+_HOOKS = (
+    "on_fit_start",
+    "on_epoch_start",
+    "on_train_batch_start",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_validation_start",
+    "on_validation_batch_end",
+    "on_validation_end",
+    "on_epoch_end",
+    "on_exception",
+    "on_fit_end",
+)
+
+
+def _train_epoch(
+    state: TrainState, hooks: dict[str, list[Callable[..., None]]], metrics: dict[str, Metric]
+) -> None:
+    model, loss_func, opt, dev = state.model, state.loss_func, state.opt, state.device
+    batch_start, before_step = hooks["on_train_batch_start"], hooks["on_before_optimizer_step"]
+    batch_end = hooks["on_train_batch_end"]
+    started = time.perf_counter()
+    _call(hooks["on_epoch_start"], state)
+    model.train()
+    train_loss = _WeightedMean()
+    for step, batch in enumerate(state.train_dl):
+        xb, yb = _pair(batch, "train_dl")
+        state.step, state.xb, state.yb = step, to_device(xb, dev), to_device(yb, dev)
+        for hook in batch_start:
+            hook(state)
+        out = model(state.xb)
+        loss = _check_loss(loss_func(out, state.yb), loss_func)
+        torch.autograd.backward(loss)
+        state.output = out
+        for hook in before_step:
+            hook(state)
+        opt.step()
+        opt.zero_grad()
+        state.loss = loss.detach()
+        state.global_step += 1
+        train_loss.add(state.loss, _batch_size(state.xb, state.yb))
+        for hook in batch_end:
+            hook(state)
+    if train_loss.count == 0:
+        raise ValueError("fit(train_dl=...): the training loader yielded no batches")
+    record: dict[str, float] = {"epoch": state.epoch, "train_loss": train_loss.compute()}
+    if state.valid_dl is not None:
+        model.eval()
+        _call(hooks["on_validation_start"], state)
+        figures = _evaluate(
+            model,
+            loss_func,
+            state.valid_dl,
+            "valid_dl",
+            dev,
+            metrics,
+            state,
+            hooks["on_validation_batch_end"],
+        )
+        record.update({f"val_{name}": value for name, value in figures.items()})
+        state.metrics = {**state.metrics, **record}
+        _call(hooks["on_validation_end"], state)
+    record["lr"] = float(opt.param_groups[0]["lr"])
+    record["seconds"] = time.perf_counter() - started
+    state.history.append(record)
+    state.metrics = dict(record)
+    _call(hooks["on_epoch_end"], state)
+
+
+def evaluate(
+    model: nn.Module,
+    loss_func: LossFn,
+    dl: Iterable[Any],
+    metrics: MetricArg = (),
+    *,
+    device: torch.device | str | None = None,
+) -> dict[str, float]:
+    """The loss and metrics of `model` over `dl`, without training (the Quickstart's test loop).
+
+    Runs under `torch.no_grad()` in eval mode and puts the model back in the mode it was in.
+    The loss is averaged over samples (each batch weighted by its size, as the tutorial does).
+
+    Args:
+        model: The model.
+        loss_func: `loss_func(model(xb), yb)` must return a 0-dim tensor.
+        dl: Yields `(xb, yb)` pairs.
+        metrics: As for `fit`.
+        device: Where batches go; the model's device by default.
+
+    Returns:
+        `{"loss": ..., "<metric name>": ...}` as Python floats.
+
+    Raises:
+        ValueError: `dl` yielded no batches, or a loss that is not 0-dim.
+        TypeError: a batch that is not an `(input, target)` pair.
+
+    Example:
+        >>> import torch.nn.functional as F
+        >>> from trainkit import accuracy
+        >>> model = nn.Linear(4, 2)
+        >>> test_dl = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+        >>> sorted(evaluate(model, F.cross_entropy, test_dl, [accuracy]))
+        ['accuracy', 'loss']
+    """
+    named = named_metrics(metrics)
+    dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    was_training = model.training
+    model.eval()
+    try:
+        return _evaluate(model, loss_func, dl, "dl", dev, named)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(
+    model: nn.Module,
+    loss_func: LossFn,
+    dl: Iterable[Any],
+    arg: str,
+    dev: torch.device,
+    metrics: dict[str, Metric],
+    state: TrainState | None = None,
+    batch_end: Sequence[Callable[[TrainState], None]] = (),
+) -> dict[str, float]:
+    loss = _WeightedMean()
+    for m in metrics.values():
+        m.reset()
+    with torch.no_grad():
+        for step, batch in enumerate(dl):
+            xb, yb = _pair(batch, arg)
+            xb, yb = to_device(xb, dev), to_device(yb, dev)
+            out = model(xb)
+            loss.add(_check_loss(loss_func(out, yb), loss_func), _batch_size(xb, yb))
+            for m in metrics.values():
+                m.update(out, yb)
+            if state is not None:
+                state.step, state.xb, state.yb, state.output = step, xb, yb, out
+                for hook in batch_end:
+                    hook(state)
+    if loss.count == 0:
+        raise ValueError(f"{arg}: the loader yielded no batches")
+    # The one read-back from the device per validation pass.
+    return {"loss": loss.compute(), **{k: float(m.compute()) for k, m in metrics.items()}}
+
+
+def predict(
+    model: nn.Module, dl: Iterable[Any], *, device: torch.device | str | None = None
+) -> Tensor:
+    """The model's outputs over `dl`, concatenated along the first dimension.
+
+    Batches may be inputs alone or `(xb, yb)` pairs (the targets are ignored). Runs under
+    `torch.no_grad()` in eval mode, and puts the model back in the mode it was in.
+
+    Args:
+        model: The model; its outputs must be tensors.
+        dl: Yields input batches or `(xb, yb)` pairs.
+        device: Where batches go; the model's device by default.
+
+    Returns:
+        A tensor with one row per sample, on the model's device.
+
+    Raises:
+        ValueError: `dl` yielded no batches.
+
+    Example:
+        >>> model = nn.Linear(4, 3)
+        >>> predict(model, [torch.randn(8, 4), torch.randn(2, 4)]).shape
+        torch.Size([10, 3])
+    """
+    dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    was_training = model.training
+    model.eval()
+    outputs: list[Tensor] = []
+    try:
+        with torch.no_grad():
+            for batch in dl:
+                xb = batch[0] if isinstance(batch, tuple | list) else batch
+                outputs.append(model(to_device(xb, dev)))
+    finally:
+        model.train(was_training)
+    if not outputs:
+        raise ValueError("predict(dl=...): the loader yielded no batches")
+    return torch.cat(outputs)
+
+
+class _WeightedMean:
+    """Mean of per-batch values weighted by batch size, summed on the device.
+
+    Values are kept as a list and folded into one tensor every `fold` batches, so a step costs
+    one list append and nothing is read back from the device until `compute`.
+    """
+
+    fold = 1024
+
+    def __init__(self) -> None:
+        self.values: list[Tensor] = []
+        self.sizes: list[int] = []
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, value: Tensor, n: int) -> None:
+        self.values.append(value)
+        self.sizes.append(n)
+        self.count += n
+        if len(self.values) >= self.fold:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self.values:
+            return
+        values = torch.stack(self.values).double()
+        part = (values * torch.tensor(self.sizes, dtype=values.dtype, device=values.device)).sum()
+        self.total = part if self.total is None else self.total + part
+        self.values, self.sizes = [], []
+
+    def compute(self) -> float:
+        self._fold()
+        if self.total is None:
+            return float("nan")
+        return float(self.total) / self.count  # reading the total waits for the device
+
+
+def _call(hooks: list[Callable[..., None]], state: TrainState) -> None:
+    for hook in hooks:
+        hook(state)
+
+
+def _note_failure(exc: BaseException, hook: Callable[..., None], *args: Any) -> None:
+    # A hook failing while the run fails must not hide the original error: note it instead.
+    try:
+        hook(*args)
+    except Exception as err:
+        exc.add_note(f"trainkit: {hook.__qualname__} also failed: {type(err).__name__}: {err}")
+
+
+def _pair(batch: Any, arg: str) -> tuple[Any, Any]:
+    if isinstance(batch, tuple | list) and len(batch) == 2:
+        return batch[0], batch[1]
+    what = f"a {type(batch).__name__}"
+    if isinstance(batch, tuple | list):
+        what += f" of {len(batch)} items"
+    raise TypeError(
+        f"{arg} yielded {what}; fit expects (input, target) pairs. Adapt the batches with "
+        f"WrappedDataLoader({arg}, func), where func returns (input, target)."
+    )
+
+
+def _check_loss(loss: Any, loss_func: LossFn) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(
+            f"loss_func ({_name(loss_func)}) returned a {type(loss).__name__}, not a tensor"
+        )
+    if loss.ndim != 0:
+        raise ValueError(
+            f"loss_func ({_name(loss_func)}) returned a tensor of shape {tuple(loss.shape)}; "
+            "it must be a scalar (0-dim): reduce it, e.g. with reduction='mean'"
+        )
+    return loss
+
+
+def _name(obj: object) -> str:
+    return str(getattr(obj, "__qualname__", None) or type(obj).__name__)
+
+
+def _batch_size(xb: Any, yb: Any) -> int:
+    return len(xb) if isinstance(xb, Tensor) else len(yb)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _check_fit_args(
+    epochs: int,
+    model: nn.Module,
+    opt: Optimizer,
+    train_dl: Iterable[Any],
+    valid_dl: Iterable[Any] | None,
+    metrics: MetricArg,
+) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"fit(epochs=...): epochs must be an integer >= 1, got {epochs!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fit(model=...): expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(opt, Optimizer):
+        raise TypeError(f"fit(opt=...): expected a torch.optim.Optimizer, got {type(opt).__name__}")
+    params = {id(p) for p in model.parameters()}
+    if not any(id(p) in params for group in opt.param_groups for p in group["params"]):
+        raise ValueError(
+            "fit(opt=...): the optimizer holds none of the model's parameters; build it from "
+            "this model, e.g. optim.SGD(model.parameters(), lr=...)"
+        )
+    if isinstance(train_dl, Sized) and len(train_dl) == 0:
+        raise ValueError("fit(train_dl=...): the training loader is empty")
+    if metrics and valid_dl is None:
+        raise ValueError("fit(metrics=...): metrics are computed on validation data; pass valid_dl")

@@ -1,0 +1,141 @@
+"""What a run carries: `TrainState` (seen by callbacks) and `History` (returned by `fit`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, overload
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["History", "Status", "TrainState"]
+
+Status = Literal["running", "completed", "stopped", "failed"]
+
+
+class History:
+    """Per-epoch records of a run: one dict per epoch, in order.
+
+    Every record has `epoch` (counted from 0), `train_loss`, `lr` (the first parameter group's
+    learning rate at the end of the epoch) and `seconds`; with a validation loader also
+    `val_loss` and one `val_<name>` per metric.
+
+    Example:
+        >>> h = History()
+        >>> h.append({"epoch": 0, "train_loss": 0.9, "val_loss": 0.8})
+        >>> h.append({"epoch": 1, "train_loss": 0.5, "val_loss": 0.6})
+        >>> h["val_loss"]
+        [0.8, 0.6]
+        >>> h[-1]["epoch"]
+        1
+    """
+
+    def __init__(self, records: Iterable[dict[str, float]] = ()) -> None:
+        self.records: list[dict[str, float]] = [dict(r) for r in records]
+
+    def append(self, record: dict[str, float]) -> None:
+        """Add one epoch's record."""
+        self.records.append(record)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[dict[str, float]]:
+        return iter(self.records)
+
+    @overload
+    def __getitem__(self, key: str) -> list[float]: ...
+    @overload
+    def __getitem__(self, key: int) -> dict[str, float]: ...
+    def __getitem__(self, key: str | int) -> list[float] | dict[str, float]:
+        """`history["val_loss"]` is that column as a list; `history[-1]` is the last record.
+
+        Raises:
+            KeyError: no epoch recorded `key`; the message lists the names that exist.
+        """
+        if isinstance(key, int):
+            return self.records[key]
+        if not any(key in r for r in self.records):
+            raise KeyError(f"History has no {key!r}; recorded names: {self.keys()}")
+        return [r[key] for r in self.records if key in r]
+
+    def keys(self) -> list[str]:
+        """Recorded names, in first-seen order."""
+        return list(dict.fromkeys(k for r in self.records for k in r))
+
+    def __repr__(self) -> str:
+        return f"History({len(self)} epochs: {', '.join(self.keys())})"
+
+    def __str__(self) -> str:
+        """The records as an aligned text table, one row per epoch."""
+        keys = self.keys()
+        if not keys:
+            return "History (no epochs)"
+        rows = [[_fmt(r.get(k)) for k in keys] for r in self.records]
+        widths = [max(len(k), *(len(row[i]) for row in rows)) for i, k in enumerate(keys)]
+        lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))]
+        lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}"
+
+
+@dataclass(eq=False)
+class TrainState:
+    """Everything about a running `fit`, passed to every callback hook.
+
+    Hooks read it, and may change `xb`/`yb` in `on_train_batch_start` (the step uses what they
+    leave there) or the gradients in `on_before_optimizer_step`. To stop the run, a hook raises
+    `StopTraining`.
+
+    Attributes:
+        model, loss_func, opt, train_dl, valid_dl: The arguments of `fit`.
+        epochs: Number of epochs asked for.
+        device: Where the model is and where batches are moved.
+        epoch: Current epoch, counted from 0.
+        step: Index of the current batch within the epoch.
+        global_step: Optimizer steps taken since the start of the run.
+        xb, yb: The current batch, on `device`.
+        output: The model's output for the current batch.
+        loss: The current batch's loss, detached. Reading its value (`float(state.loss)`)
+            waits for the device, so do it rarely.
+        metrics: The last recorded epoch's figures (`train_loss`, `val_loss`, `val_accuracy`, ...).
+        history: The records so far.
+        status: `"running"`, then `"completed"`, `"stopped"` or `"failed"` in `on_fit_end`.
+        stop_reason: The message of the `StopTraining` that stopped the run, if any.
+        exception: The exception that failed the run, if any.
+
+    Example:
+        >>> class LogEveryHundred(Callback):  # doctest: +SKIP
+        ...     def on_train_batch_end(self, state: TrainState) -> None:
+        ...         if state.global_step % 100 == 0:
+        ...             print(state.epoch, state.step, float(state.loss))  # reads the device
+    """
+
+    model: nn.Module
+    loss_func: Callable[[Any, Any], Tensor]
+    opt: Optimizer
+    train_dl: Iterable[Any]
+    valid_dl: Iterable[Any] | None
+    epochs: int
+    device: torch.device
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    xb: Any = None
+    yb: Any = None
+    output: Any = None
+    loss: Tensor | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: History = field(default_factory=History)
+    status: Status = "running"
+    stop_reason: str | None = None
+    exception: BaseException | None = None

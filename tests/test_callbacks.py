@@ -1,0 +1,449 @@
+from __future__ import annotations
+
+import io
+import sys
+from typing import Any, ClassVar
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn, optim
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainkit import (
+    HOOKS,
+    Callback,
+    EarlyStopping,
+    ProgressBar,
+    StopTraining,
+    TrainState,
+    accuracy,
+    fit,
+    show_training_loop,
+)
+
+
+class Recorder(Callback):
+    """Records every hook it sees, with the run's status at that moment."""
+
+    def __init__(self, log: list[str], tag: str = "") -> None:
+        self.log, self.tag = log, tag
+
+    def _rec(self, hook: str) -> None:
+        self.log.append(f"{self.tag}{hook}")
+
+    def on_fit_start(self, state: TrainState) -> None:
+        self._rec("on_fit_start")
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        self._rec("on_epoch_start")
+
+    def on_train_batch_start(self, state: TrainState) -> None:
+        self._rec("on_train_batch_start")
+
+    def on_before_optimizer_step(self, state: TrainState) -> None:
+        self._rec("on_before_optimizer_step")
+
+    def on_train_batch_end(self, state: TrainState) -> None:
+        self._rec("on_train_batch_end")
+
+    def on_validation_start(self, state: TrainState) -> None:
+        self._rec("on_validation_start")
+
+    def on_validation_batch_end(self, state: TrainState) -> None:
+        self._rec("on_validation_batch_end")
+
+    def on_validation_end(self, state: TrainState) -> None:
+        self._rec("on_validation_end")
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        self._rec("on_epoch_end")
+
+    def on_exception(self, state: TrainState, exc: BaseException) -> None:
+        self._rec("on_exception")
+
+    def on_fit_end(self, state: TrainState) -> None:
+        self._rec(f"on_fit_end:{state.status}")
+
+
+def setup(
+    n_train: int = 8, n_valid: int = 4
+) -> tuple[nn.Module, optim.Optimizer, DataLoader[Any], DataLoader[Any]]:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(n_train + n_valid, 3), torch.randint(0, 2, (n_train + n_valid,))
+    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=4)
+    valid = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=4)
+    return model, optim.SGD(model.parameters(), lr=0.1), train, valid
+
+
+def test_hooks_fire_in_the_documented_order() -> None:
+    log: list[str] = []
+    model, opt, train, valid = setup()
+    fit(1, model, F.cross_entropy, opt, train, valid, callbacks=[Recorder(log)], progress=False)
+    step = ["on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"]
+    assert log == [
+        "on_fit_start",
+        "on_epoch_start",
+        *step,
+        *step,
+        "on_validation_start",
+        "on_validation_batch_end",
+        "on_validation_end",
+        "on_epoch_end",
+        "on_fit_end:completed",
+    ]
+    assert [h for h in HOOKS if h in {e.split(":")[0] for e in log}] == [
+        h for h in HOOKS if h != "on_exception"
+    ]
+
+
+def test_callbacks_run_by_order_then_as_given() -> None:
+    log: list[str] = []
+
+    class Late(Recorder):
+        order: ClassVar[int] = 5
+
+    class Early(Recorder):
+        order: ClassVar[int] = -5
+
+    model, opt, train, _ = setup()
+    cbs = [Late(log, "late:"), Recorder(log, "a:"), Early(log, "early:"), Recorder(log, "b:")]
+    fit(1, model, F.cross_entropy, opt, train, callbacks=cbs, progress=False)
+    assert log[:4] == [
+        "early:on_fit_start",
+        "a:on_fit_start",
+        "b:on_fit_start",
+        "late:on_fit_start",
+    ]
+
+
+def test_stop_training_in_epoch_end_keeps_the_epoch() -> None:
+    ends: list[TrainState] = []
+
+    class StopAfterTwo(Callback):
+        def on_epoch_end(self, state: TrainState) -> None:
+            if state.epoch == 1:
+                raise StopTraining("enough")
+
+        def on_fit_end(self, state: TrainState) -> None:
+            ends.append(state)
+
+    model, opt, train, valid = setup()
+    history = fit(
+        10, model, F.cross_entropy, opt, train, valid, callbacks=[StopAfterTwo()], progress=False
+    )
+    assert len(history) == 2
+    assert ends[0].status == "stopped" and ends[0].stop_reason == "enough"
+
+
+def test_stop_training_mid_epoch_drops_the_unfinished_epoch() -> None:
+    class StopAtBatch(Callback):
+        def on_train_batch_end(self, state: TrainState) -> None:
+            if state.epoch == 1 and state.step == 0:
+                raise StopTraining("mid-epoch")
+
+    model, opt, train, valid = setup()
+    history = fit(
+        5, model, F.cross_entropy, opt, train, valid, callbacks=[StopAtBatch()], progress=False
+    )
+    assert history["epoch"] == [0]
+
+
+class BoomError(Exception):
+    pass
+
+
+def test_an_error_in_the_model_propagates_unchanged_after_the_hooks() -> None:
+    log: list[str] = []
+    seen: list[BaseException] = []
+
+    class Catch(Callback):
+        def on_exception(self, state: TrainState, exc: BaseException) -> None:
+            seen.append(exc)
+
+    class Broken(nn.Linear):
+        def forward(self, x: Tensor) -> Tensor:
+            raise BoomError("in forward")
+
+    _, _, train, _ = setup()
+    model = Broken(3, 2)
+    with pytest.raises(BoomError, match="in forward") as info:
+        fit(
+            1,
+            model,
+            F.cross_entropy,
+            optim.SGD(model.parameters(), lr=0.1),
+            train,
+            callbacks=[Recorder(log), Catch()],
+            progress=False,
+        )
+    assert seen == [info.value]
+    assert log[-2:] == ["on_exception", "on_fit_end:failed"]
+    assert info.traceback[-1].name == "forward"  # the traceback still ends where it was raised
+
+
+def test_an_error_in_a_callback_propagates_and_keyboard_interrupt_too() -> None:
+    class Fails(Callback):
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def on_train_batch_end(self, state: TrainState) -> None:
+            raise self.exc
+
+    for exc in (BoomError("in a hook"), KeyboardInterrupt()):
+        log: list[str] = []
+        model, opt, train, _ = setup()
+        with pytest.raises(type(exc)) as info:
+            fit(
+                1,
+                model,
+                F.cross_entropy,
+                opt,
+                train,
+                callbacks=[Fails(exc), Recorder(log)],
+                progress=False,
+            )
+        assert info.value is exc
+        assert log[-2:] == ["on_exception", "on_fit_end:failed"]
+
+
+def test_a_failing_exception_hook_is_noted_not_swapped_in() -> None:
+    class BadHandler(Callback):
+        def on_exception(self, state: TrainState, exc: BaseException) -> None:
+            raise RuntimeError("handler broke")
+
+    class Fails(Callback):
+        def on_epoch_start(self, state: TrainState) -> None:
+            raise BoomError("original")
+
+    model, opt, train, _ = setup()
+    with pytest.raises(BoomError, match="original") as info:
+        fit(
+            1, model, F.cross_entropy, opt, train, callbacks=[Fails(), BadHandler()], progress=False
+        )
+    assert any("handler broke" in note for note in info.value.__notes__)
+
+
+def test_hooks_may_replace_the_batch_and_see_final_gradients() -> None:
+    grads: list[Tensor] = []
+
+    class ZeroInputs(Callback):
+        def on_train_batch_start(self, state: TrainState) -> None:
+            state.xb = torch.zeros_like(state.xb)
+
+        def on_before_optimizer_step(self, state: TrainState) -> None:
+            assert isinstance(state.model, nn.Linear) and state.model.weight.grad is not None
+            grads.append(state.model.weight.grad.clone())
+
+    model, opt, train, _ = setup()
+    fit(1, model, F.cross_entropy, opt, train, callbacks=[ZeroInputs()], progress=False)
+    # with all-zero inputs the weight gradient is exactly zero: the hook's batch was used
+    assert len(grads) == 2 and all(torch.equal(g, torch.zeros(2, 3)) for g in grads)
+
+
+def test_state_carries_loss_step_and_metrics() -> None:
+    seen: list[tuple[int, int, int]] = []
+    metrics: list[dict[str, float]] = []
+
+    class Look(Callback):
+        def on_train_batch_end(self, state: TrainState) -> None:
+            assert state.loss is not None and state.loss.ndim == 0 and not state.loss.requires_grad
+            seen.append((state.epoch, state.step, state.global_step))
+
+        def on_epoch_end(self, state: TrainState) -> None:
+            metrics.append(dict(state.metrics))
+
+    model, opt, train, valid = setup()
+    history = fit(
+        2,
+        model,
+        F.cross_entropy,
+        opt,
+        train,
+        valid,
+        metrics=[accuracy],
+        callbacks=[Look()],
+        progress=False,
+    )
+    assert seen == [(0, 0, 1), (0, 1, 2), (1, 0, 3), (1, 1, 4)]
+    assert metrics == history.records
+
+
+# --- EarlyStopping ---------------------------------------------------------------------------
+
+
+def drive(stopper: EarlyStopping, values: list[float], monitor: str = "val_loss") -> int:
+    """Feed `values` as successive epochs; return the epoch at which it stopped (or -1)."""
+    model, opt, _, _ = setup()
+    state = TrainState(model, F.cross_entropy, opt, [], None, len(values), torch.device("cpu"))
+    stopper.on_fit_start(state)
+    for epoch, value in enumerate(values):
+        state.epoch, state.metrics = epoch, {monitor: value}
+        try:
+            stopper.on_epoch_end(state)
+        except StopTraining:
+            return epoch
+    return -1
+
+
+def test_early_stopping_waits_patience_epochs() -> None:
+    assert drive(EarlyStopping(patience=2), [1.0, 0.9, 0.95, 0.91, 0.5]) == 3
+    assert drive(EarlyStopping(patience=3), [1.0, 0.9, 0.95, 0.91, 0.5]) == -1
+    assert (
+        drive(
+            EarlyStopping("val_accuracy", mode="max", patience=1), [0.5, 0.6, 0.6], "val_accuracy"
+        )
+        == 2
+    )
+    # improvements smaller than min_delta do not count
+    assert drive(EarlyStopping(patience=2, min_delta=0.1), [1.0, 0.95, 0.92]) == 2
+    # NaN never counts as an improvement
+    assert drive(EarlyStopping(patience=1), [1.0, float("nan")]) == 1
+
+
+def test_early_stopping_stops_fit_and_keeps_its_state() -> None:
+    stopper = EarlyStopping("train_loss", mode="max", patience=1)  # the loss falls: stop after 1
+    model, opt, train, _ = setup()
+    history = fit(10, model, F.cross_entropy, opt, train, callbacks=[stopper], progress=False)
+    assert len(history) == 2
+    assert stopper.state_dict() == {"best": history["train_loss"][0], "best_epoch": 0, "wait": 1}
+    fresh = EarlyStopping("train_loss", mode="max", patience=1)
+    fresh.load_state_dict(stopper.state_dict())
+    assert fresh.state_dict() == stopper.state_dict()
+
+
+def test_early_stopping_bad_arguments() -> None:
+    with pytest.raises(ValueError, match=r"EarlyStopping\(mode=...\).*'mni'"):
+        EarlyStopping(mode="mni")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"EarlyStopping\(patience=...\)"):
+        EarlyStopping(patience=0)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(min_delta=...\)"):
+        EarlyStopping(min_delta=-1.0)
+    model, opt, train, _ = setup()
+    with pytest.raises(KeyError, match=r"monitors 'val_loss'; this run records \['epoch', 'lr'"):
+        fit(2, model, F.cross_entropy, opt, train, callbacks=[EarlyStopping()], progress=False)
+
+
+# --- progress --------------------------------------------------------------------------------
+
+
+def test_plain_progress_prints_one_line_per_epoch(capsys: pytest.CaptureFixture[str]) -> None:
+    model, opt, train, valid = setup()
+    fit(3, model, F.cross_entropy, opt, train, valid, metrics=[accuracy])  # not a terminal here
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 3 and err == ""
+    assert lines[0].startswith("epoch 1/3  train_loss ")
+    for name in ("val_loss", "val_accuracy", "lr 0.1"):
+        assert name in lines[2]
+
+
+def test_progress_false_prints_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    model, opt, train, valid = setup()
+    fit(2, model, F.cross_entropy, opt, train, valid, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_forced_bar_draws_on_stderr_and_reads_the_loss_only_at_refresh(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads = 0
+    item = torch.Tensor.item
+
+    def counting_item(self: Tensor) -> Any:
+        nonlocal reads
+        reads += 1
+        return item(self)
+
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    model, opt, train, _ = setup(n_train=40)
+    fit(
+        1,
+        model,
+        F.cross_entropy,
+        opt,
+        train,
+        progress=False,
+        callbacks=[ProgressBar(force_bar=True, refresh_seconds=3600)],
+    )
+    per_epoch, reads = reads, 0  # ten steps, no refresh due: only the epoch's own reads
+    fit(
+        1,
+        model,
+        F.cross_entropy,
+        opt,
+        train,
+        progress=False,
+        callbacks=[ProgressBar(force_bar=True, refresh_seconds=0)],
+    )
+    assert reads == per_epoch + 10  # a refresh every step: one loss read each
+    out, err = capsys.readouterr()
+    assert "epoch 1/1" in err and "loss=" in err  # the bar
+    assert out.count("epoch 1/1  train_loss") == 2  # the epoch lines
+
+
+def test_progress_bar_refuses_negative_refresh() -> None:
+    with pytest.raises(ValueError, match=r"refresh_seconds=...\): must be >= 0"):
+        ProgressBar(refresh_seconds=-1)
+
+
+def test_training_step_reads_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With default settings, host reads happen per epoch, never per training step."""
+    counts = {"item": 0, "tolist": 0, "__bool__": 0, "cpu": 0, "numpy": 0, "__float__": 0}
+
+    def counting(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in counts:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    totals = []
+    for n_train in (40, 400):  # 10 and 100 steps per epoch
+        for k in counts:
+            counts[k] = 0
+        model, opt, train, valid = setup(n_train=n_train)
+        fit(
+            2,
+            model,
+            F.cross_entropy,
+            opt,
+            train,
+            valid,
+            metrics=[accuracy],
+            progress=True,
+            callbacks=[ProgressBar(force_bar=True, refresh_seconds=3600)],
+        )
+        totals.append(sum(counts.values()))
+    assert totals[0] == totals[1]  # ten times the steps, not one more read
+
+
+# --- show_training_loop ----------------------------------------------------------------------
+
+
+def test_show_training_loop_lists_hooks_in_order_with_their_callbacks() -> None:
+    buf = io.StringIO()
+    text = show_training_loop([EarlyStopping(), ProgressBar()], file=buf)
+    assert buf.getvalue() == text + "\n"
+    hooks = [
+        line.strip().split(":")[0] for line in text.splitlines() if line.strip().startswith("on_")
+    ]
+    assert hooks == list(HOOKS)
+    lines = {line.strip().split(":")[0]: line for line in text.splitlines()}
+    assert lines["on_epoch_end"].endswith(
+        "ProgressBar(force_bar=False), "
+        "EarlyStopping('val_loss', mode='min', patience=3, min_delta=0.0)"
+    )
+    assert lines["on_train_batch_end"].endswith("ProgressBar(force_bar=False)")
+    assert lines["on_validation_end"].endswith(": -")
+
+
+def test_show_training_loop_prints_to_stdout_by_default(capsys: pytest.CaptureFixture[str]) -> None:
+    show_training_loop()
+    assert capsys.readouterr().out.startswith("on_fit_start: -")
+    assert sys.stdout is not None
