@@ -12,8 +12,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainkit import (
     HOOKS,
+    Accuracy,
+    BatchMetric,
     Callback,
+    ConfusionMatrix,
     EarlyStopping,
+    Metric,
+    PerClassAccuracy,
     ProgressBar,
     StopTraining,
     TrainState,
@@ -388,9 +393,13 @@ def test_progress_bar_refuses_negative_refresh() -> None:
         ProgressBar(refresh_seconds=-1)
 
 
-def test_training_step_reads_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With default settings, host reads happen per epoch, never per training step."""
-    counts = {"item": 0, "tolist": 0, "__bool__": 0, "cpu": 0, "numpy": 0, "__float__": 0}
+HOST_READS = ("item", "tolist", "__bool__", "cpu", "numpy", "__float__", "__int__")
+
+
+def test_steps_read_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the bar and every kind of metric on, host reads happen per epoch, never per step:
+    ten times the training and validation steps make exactly as many reads."""
+    counts = dict.fromkeys(HOST_READS, 0)
 
     def counting(name: str) -> Any:
         original = getattr(torch.Tensor, name)
@@ -401,26 +410,65 @@ def test_training_step_reads_nothing_back_from_the_device(monkeypatch: pytest.Mo
 
         return wrapper
 
-    for name in counts:
+    for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counting(name))
     totals = []
-    for n_train in (40, 400):  # 10 and 100 steps per epoch
-        for k in counts:
-            counts[k] = 0
-        model, opt, train, valid = setup(n_train=n_train)
+    for n_train, n_valid in ((40, 8), (400, 80)):  # 10 and 100 steps; 2 and 20 validation batches
+        counts.update(dict.fromkeys(HOST_READS, 0))
+        model, opt, train, valid = setup(n_train=n_train, n_valid=n_valid)
+        metrics: dict[str, Metric | BatchMetric] = {
+            "acc": Accuracy(),
+            "top2": Accuracy(top_k=2),
+            "per_class": PerClassAccuracy(2),
+            "matrix": ConfusionMatrix(2),
+            "batch_acc": accuracy,
+        }
+        for m in metrics.values():
+            if isinstance(m, Accuracy | PerClassAccuracy | ConfusionMatrix):
+                m.fold_every = 3  # fold mid-epoch too: folding must not read back either
+        bar = ProgressBar(force_bar=True, refresh_seconds=3600)
+        fit(2, model, F.cross_entropy, opt, train, valid, metrics=metrics, callbacks=[bar])
+        totals.append(dict(counts))
+    assert totals[0] == totals[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_steps_never_synchronise() -> None:
+    """On a GPU, every training step and validation batch runs under sync debug mode "error"."""
+    x, y = torch.randn(640, 3, device="cuda"), torch.randint(0, 2, (640,), device="cuda")
+    train = DataLoader(TensorDataset(x[:512], y[:512]), batch_size=32)  # already on the device
+    valid = DataLoader(TensorDataset(x[512:], y[512:]), batch_size=32)
+
+    class Strict(Callback):
+        def on_train_batch_start(self, state: TrainState) -> None:
+            torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, state: TrainState) -> None:
+            torch.cuda.set_sync_debug_mode("default")
+
+        def on_validation_start(self, state: TrainState) -> None:
+            torch.cuda.set_sync_debug_mode("error")
+
+        def on_validation_batch_end(self, state: TrainState) -> None:
+            if state.step == len(valid) - 1:  # compute() follows: the one read per epoch
+                torch.cuda.set_sync_debug_mode("default")
+
+    model = nn.Linear(3, 2).cuda()
+    metrics: list[Metric | BatchMetric] = [PerClassAccuracy(2), ConfusionMatrix(2), accuracy]
+    try:
         fit(
             2,
             model,
             F.cross_entropy,
-            opt,
+            optim.SGD(model.parameters(), lr=0.1),
             train,
             valid,
-            metrics=[accuracy],
-            progress=True,
-            callbacks=[ProgressBar(force_bar=True, refresh_seconds=3600)],
+            metrics=metrics,
+            callbacks=[Strict()],
+            progress=False,
         )
-        totals.append(sum(counts.values()))
-    assert totals[0] == totals[1]  # ten times the steps, not one more read
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 # --- show_training_loop ----------------------------------------------------------------------

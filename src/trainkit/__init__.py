@@ -23,23 +23,37 @@ from trainkit.data import (
 from trainkit.datasets import fashion_mnist
 from trainkit.layers import Lambda
 from trainkit.loop import LossFn, evaluate, fit, loss_batch, predict
-from trainkit.metrics import BatchMetric, Metric, MetricArg, accuracy
+from trainkit.metrics import (
+    Accuracy,
+    BatchMetric,
+    ConfusionMatrix,
+    Mean,
+    Metric,
+    MetricArg,
+    PerClassAccuracy,
+    accuracy,
+    top_k_accuracy,
+)
 from trainkit.state import History, Status, TrainState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HOOKS",
+    "Accuracy",
     "BatchMetric",
     "Callback",
+    "ConfusionMatrix",
     "DeviceDataLoader",
     "EarlyStopping",
     "History",
     "Lambda",
     "LoaderOptions",
     "LossFn",
+    "Mean",
     "Metric",
     "MetricArg",
+    "PerClassAccuracy",
     "ProgressBar",
     "Status",
     "StopTraining",
@@ -56,4 +70,5 @@ __all__ = [
     "predict",
     "show_training_loop",
     "to_device",
+    "top_k_accuracy",
 ]

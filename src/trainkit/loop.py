@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 from trainkit.callbacks.base import Callback, StopTraining, overrides, sort_callbacks
 from trainkit.callbacks.progress import ProgressBar
 from trainkit.data import _canonical, to_device
-from trainkit.metrics import Metric, MetricArg, named_metrics
+from trainkit.metrics import Mean, Metric, MetricArg, move_metrics, named_metrics
 from trainkit.state import History, TrainState
 
 __all__ = ["LossFn", "evaluate", "fit", "loss_batch", "predict"]
@@ -126,6 +126,7 @@ def fit(
         model.to(device)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
     named = named_metrics(metrics)
+    move_metrics(named, dev)
     if progress is not False:
         callbacks = [*callbacks, ProgressBar(force_bar=progress is True)]
     cbs = sort_callbacks(callbacks)
@@ -174,7 +175,7 @@ def _train_epoch(
     started = time.perf_counter()
     _call(hooks["on_epoch_start"], state)
     model.train()
-    train_loss = _WeightedMean()
+    train_loss = Mean()
     for step, batch in enumerate(state.train_dl):
         xb, yb = _pair(batch, "train_dl")
         state.step, state.xb, state.yb = step, to_device(xb, dev), to_device(yb, dev)
@@ -190,16 +191,17 @@ def _train_epoch(
         opt.zero_grad()
         state.loss = loss.detach()
         state.global_step += 1
-        train_loss.add(state.loss, _batch_size(state.xb, state.yb))
+        train_loss.update(state.loss, _batch_size(state.xb, state.yb))
         for hook in batch_end:
             hook(state)
     if train_loss.count == 0:
         raise ValueError("fit(train_dl=...): the training loader yielded no batches")
-    record: dict[str, float] = {"epoch": state.epoch, "train_loss": train_loss.compute()}
+    record: dict[str, float] = {"epoch": state.epoch, "train_loss": float(train_loss.compute())}
+    tensors: dict[str, Tensor] = {}
     if state.valid_dl is not None:
         model.eval()
         _call(hooks["on_validation_start"], state)
-        figures = _evaluate(
+        figures, tensors = _evaluate(
             model,
             loss_func,
             state.valid_dl,
@@ -210,11 +212,12 @@ def _train_epoch(
             hooks["on_validation_batch_end"],
         )
         record.update({f"val_{name}": value for name, value in figures.items()})
+        tensors = {f"val_{name}": value for name, value in tensors.items()}
         state.metrics = {**state.metrics, **record}
         _call(hooks["on_validation_end"], state)
     record["lr"] = float(opt.param_groups[0]["lr"])
     record["seconds"] = time.perf_counter() - started
-    state.history.append(record)
+    state.history.append(record, tensors)
     state.metrics = dict(record)
     _call(hooks["on_epoch_end"], state)
 
@@ -240,7 +243,9 @@ def evaluate(
         device: Where batches go; the model's device by default.
 
     Returns:
-        `{"loss": ..., "<metric name>": ...}` as Python floats.
+        `{"loss": ..., "<metric name>": ...}` as Python floats. Metrics whose result has more
+        than one element (`PerClassAccuracy`, `ConfusionMatrix`) are read from the metric
+        object itself afterwards (`per_class.compute()`, `per_class.report()`).
 
     Raises:
         ValueError: `dl` yielded no batches, or a loss that is not 0-dim.
@@ -256,10 +261,11 @@ def evaluate(
     """
     named = named_metrics(metrics)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    move_metrics(named, dev)
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, loss_func, dl, "dl", dev, named)
+        return _evaluate(model, loss_func, dl, "dl", dev, named)[0]
     finally:
         model.train(was_training)
 
@@ -273,8 +279,8 @@ def _evaluate(
     metrics: dict[str, Metric],
     state: TrainState | None = None,
     batch_end: Sequence[Callable[[TrainState], None]] = (),
-) -> dict[str, float]:
-    loss = _WeightedMean()
+) -> tuple[dict[str, float], dict[str, Tensor]]:
+    loss = Mean()
     for m in metrics.values():
         m.reset()
     with torch.no_grad():
@@ -282,7 +288,7 @@ def _evaluate(
             xb, yb = _pair(batch, arg)
             xb, yb = to_device(xb, dev), to_device(yb, dev)
             out = model(xb)
-            loss.add(_check_loss(loss_func(out, yb), loss_func), _batch_size(xb, yb))
+            loss.update(_check_loss(loss_func(out, yb), loss_func), _batch_size(xb, yb))
             for m in metrics.values():
                 m.update(out, yb)
             if state is not None:
@@ -291,8 +297,15 @@ def _evaluate(
                     hook(state)
     if loss.count == 0:
         raise ValueError(f"{arg}: the loader yielded no batches")
-    # The one read-back from the device per validation pass.
-    return {"loss": loss.compute(), **{k: float(m.compute()) for k, m in metrics.items()}}
+    # The read-backs from the device: once per validation pass.
+    scalars, tensors = {"loss": float(loss.compute())}, {}
+    for name, metric in metrics.items():
+        value = torch.as_tensor(metric.compute())
+        if value.numel() == 1:
+            scalars[name] = float(value)
+        else:
+            tensors[name] = value.detach().cpu()
+    return scalars, tensors
 
 
 def predict(
@@ -333,43 +346,6 @@ def predict(
     if not outputs:
         raise ValueError("predict(dl=...): the loader yielded no batches")
     return torch.cat(outputs)
-
-
-class _WeightedMean:
-    """Mean of per-batch values weighted by batch size, summed on the device.
-
-    Values are kept as a list and folded into one tensor every `fold` batches, so a step costs
-    one list append and nothing is read back from the device until `compute`.
-    """
-
-    fold = 1024
-
-    def __init__(self) -> None:
-        self.values: list[Tensor] = []
-        self.sizes: list[int] = []
-        self.total: Tensor | None = None
-        self.count = 0
-
-    def add(self, value: Tensor, n: int) -> None:
-        self.values.append(value)
-        self.sizes.append(n)
-        self.count += n
-        if len(self.values) >= self.fold:
-            self._fold()
-
-    def _fold(self) -> None:
-        if not self.values:
-            return
-        values = torch.stack(self.values).double()
-        part = (values * torch.tensor(self.sizes, dtype=values.dtype, device=values.device)).sum()
-        self.total = part if self.total is None else self.total + part
-        self.values, self.sizes = [], []
-
-    def compute(self) -> float:
-        self._fold()
-        if self.total is None:
-            return float("nan")
-        return float(self.total) / self.count  # reading the total waits for the device
 
 
 def _call(hooks: list[Callable[..., None]], state: TrainState) -> None:

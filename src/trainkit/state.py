@@ -20,7 +20,9 @@ class History:
 
     Every record has `epoch` (counted from 0), `train_loss`, `lr` (the first parameter group's
     learning rate at the end of the epoch) and `seconds`; with a validation loader also
-    `val_loss` and one `val_<name>` per metric.
+    `val_loss` and one `val_<name>` per metric (`val_accuracy`, `val_top5_accuracy`, ...).
+    Metric results with more than one element (`val_per_class_accuracy`,
+    `val_confusion_matrix`) are kept as CPU tensors: `history.tensors("val_per_class_accuracy")`.
 
     Example:
         >>> h = History()
@@ -34,10 +36,24 @@ class History:
 
     def __init__(self, records: Iterable[dict[str, float]] = ()) -> None:
         self.records: list[dict[str, float]] = [dict(r) for r in records]
+        self._tensors: list[dict[str, Tensor]] = [{} for _ in self.records]
 
-    def append(self, record: dict[str, float]) -> None:
-        """Add one epoch's record."""
+    def append(self, record: dict[str, float], tensors: dict[str, Tensor] | None = None) -> None:
+        """Add one epoch's record, and its tensor-valued metric results if any."""
         self.records.append(record)
+        self._tensors.append(dict(tensors or {}))
+
+    def tensors(self, name: str) -> list[Tensor]:
+        """The tensor-valued results recorded under `name`, one per epoch.
+
+        Raises:
+            KeyError: no epoch recorded `name`; the message lists the tensor names that exist.
+        """
+        found = [t[name] for t in self._tensors if name in t]
+        if not found:
+            names = list(dict.fromkeys(k for t in self._tensors for k in t))
+            raise KeyError(f"History has no tensor {name!r}; recorded tensors: {names}")
+        return found
 
     def __len__(self) -> int:
         return len(self.records)
