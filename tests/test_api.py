@@ -7,7 +7,16 @@ import inspect
 import trainkit
 
 # type aliases and constants: documented in the module, no runtime docstring of their own
-ALIASES = {"BatchMetric", "LossFn", "MetricArg", "Status", "HOOKS", "__version__"}
+ALIASES = {
+    "Amp",
+    "BatchMetric",
+    "LossFn",
+    "MetricArg",
+    "Scheduler",
+    "Status",
+    "HOOKS",
+    "__version__",
+}
 
 
 def test_all_lists_exactly_the_public_names() -> None:

@@ -21,6 +21,7 @@ from trainkit import (
     PerClassAccuracy,
     ProgressBar,
     StopTraining,
+    TerminateOnNaN,
     TrainState,
     accuracy,
     fit,
@@ -51,6 +52,9 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, state: TrainState) -> None:
         self._rec("on_train_batch_end")
+
+    def on_train_epoch_end(self, state: TrainState) -> None:
+        self._rec("on_train_epoch_end")
 
     def on_validation_start(self, state: TrainState) -> None:
         self._rec("on_validation_start")
@@ -92,6 +96,7 @@ def test_hooks_fire_in_the_documented_order() -> None:
         "on_epoch_start",
         *step,
         *step,
+        "on_train_epoch_end",
         "on_validation_start",
         "on_validation_batch_end",
         "on_validation_end",
@@ -426,8 +431,20 @@ def test_steps_read_nothing_back_from_the_device(monkeypatch: pytest.MonkeyPatch
         for m in metrics.values():
             if isinstance(m, Accuracy | PerClassAccuracy | ConfusionMatrix):
                 m.fold_every = 3  # fold mid-epoch too: folding must not read back either
-        bar = ProgressBar(force_bar=True, refresh_seconds=3600)
-        fit(2, model, F.cross_entropy, opt, train, valid, metrics=metrics, callbacks=[bar])
+        # the bar and the NaN check read at their interval: here longer than the run
+        interval = [ProgressBar(force_bar=True, refresh_seconds=3600), TerminateOnNaN(3600)]
+        fit(
+            2,
+            model,
+            F.cross_entropy,
+            opt,
+            train,
+            valid,
+            metrics=metrics,
+            callbacks=interval,
+            progress=False,
+            terminate_on_nan=False,
+        )
         totals.append(dict(counts))
     assert totals[0] == totals[1]
 

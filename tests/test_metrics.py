@@ -392,3 +392,53 @@ def test_sync_sums_state_across_two_processes() -> None:
         w.kill()
     assert not hung, "distributed metric sync did not finish in 90 s"
     assert [w.exitcode for w in workers] == [0, 0]  # a failed assertion in a worker exits 1
+
+
+class BlitzNet(nn.Module):
+    """The 60-minute blitz's CIFAR-10 `Net` (3-channel input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 5 * 5)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        out: Tensor = self.fc3(x)
+        return out
+
+
+def test_blitz_cifar_net_prints_accuracy_and_keeps_the_per_class_table(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Data: random 3x32x32 images built here (CIFAR-10 cannot be downloaded on this machine)."""
+    classes = ("plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+    g = torch.Generator().manual_seed(0)
+    images, labels = (
+        torch.randn(80, 3, 32, 32, generator=g),
+        torch.randint(0, 10, (80,), generator=g),
+    )
+    trainloader = DataLoader(TensorDataset(images[:40], labels[:40]), batch_size=4, shuffle=True)
+    testloader = DataLoader(TensorDataset(images[40:], labels[40:]), batch_size=4)
+    net = BlitzNet()
+    opt = optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    per_class = PerClassAccuracy(10, class_names=classes)
+    history = fit(
+        2, net, nn.CrossEntropyLoss(), opt, trainloader, testloader, metrics=[Accuracy(), per_class]
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("val_accuracy" in line for line in lines)
+    table = per_class.report(history.tensors("val_per_class_accuracy")[-1]).splitlines()
+    assert len(table) == 10 and table[0].startswith("Accuracy of plane : ")
+    assert table == per_class.report().splitlines()
+    counts = torch.bincount(labels[40:], minlength=10)
+    correct = (history.tensors("val_per_class_accuracy")[-1] * counts).nansum()
+    assert correct / 40 == pytest.approx(history["val_accuracy"][-1])

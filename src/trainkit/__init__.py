@@ -10,6 +10,7 @@ from trainkit.callbacks import (
     EarlyStopping,
     ProgressBar,
     StopTraining,
+    TerminateOnNaN,
     show_training_loop,
 )
 from trainkit.data import (
@@ -22,7 +23,7 @@ from trainkit.data import (
 )
 from trainkit.datasets import fashion_mnist
 from trainkit.layers import Lambda
-from trainkit.loop import LossFn, evaluate, fit, loss_batch, predict
+from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
 from trainkit.metrics import (
     Accuracy,
     BatchMetric,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HOOKS",
     "Accuracy",
+    "Amp",
     "BatchMetric",
     "Callback",
     "ConfusionMatrix",
@@ -55,8 +57,10 @@ __all__ = [
     "MetricArg",
     "PerClassAccuracy",
     "ProgressBar",
+    "Scheduler",
     "Status",
     "StopTraining",
+    "TerminateOnNaN",
     "TrainState",
     "WrappedDataLoader",
     "__version__",

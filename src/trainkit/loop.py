@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence, Sized
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from trainkit.callbacks.base import Callback, StopTraining, overrides, sort_callbacks
+from trainkit.callbacks.base import HOOKS, Callback, StopTraining, overrides, sort_callbacks
+from trainkit.callbacks.nan import TerminateOnNaN
 from trainkit.callbacks.progress import ProgressBar
 from trainkit.data import _canonical, to_device
 from trainkit.metrics import Mean, Metric, MetricArg, move_metrics, named_metrics
 from trainkit.state import History, TrainState
 
-__all__ = ["LossFn", "evaluate", "fit", "loss_batch", "predict"]
+__all__ = ["Amp", "LossFn", "Scheduler", "evaluate", "fit", "loss_batch", "predict"]
 
 LossFn = Callable[[Any, Any], Tensor]
 """A loss function `loss_func(output, target) -> 0-dim tensor`, such as `F.cross_entropy`."""
@@ -60,6 +65,14 @@ def loss_batch(
     return loss.item(), _batch_size(xb, yb)
 
 
+Amp = Literal["bf16", "fp16"]
+"""Mixed precision for `fit(amp=...)`: `"bf16"` (CPU and CUDA autocast) or `"fp16"` (CUDA,
+with a `torch.amp.GradScaler`)."""
+
+Scheduler = LRScheduler | ReduceLROnPlateau
+"""A learning-rate scheduler `fit` can step: any `torch.optim.lr_scheduler` scheduler."""
+
+
 def fit(
     epochs: int,
     model: nn.Module,
@@ -72,6 +85,15 @@ def fit(
     metrics: MetricArg = (),
     progress: bool | Literal["auto"] = "auto",
     device: torch.device | str | None = None,
+    scheduler: Scheduler | None = None,
+    scheduler_interval: Literal["epoch", "step"] = "epoch",
+    amp: Amp | None = None,
+    accumulate: int = 1,
+    clip_grad_norm: float | None = None,
+    clip_grad_value: float | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    terminate_on_nan: bool = True,
 ) -> History:
     """Train `model` for `epochs` epochs, validating after each: the tutorial's `fit`, kept.
 
@@ -80,7 +102,7 @@ def fit(
     `opt.step()`, `opt.zero_grad()`; then, given `valid_dl`, `model.eval()` and under
     `torch.no_grad()` the validation loss (weighted by batch size, as the tutorial) and metrics.
     Batches are moved to the model's device. Nothing in a training step reads a value back from
-    the device, except the progress bar at its refresh interval.
+    the device, except the progress bar and the NaN check at their refresh interval.
 
     Args:
         epochs: Number of passes over `train_dl`, at least 1.
@@ -97,13 +119,30 @@ def fit(
             `True`: always a bar; `False`: print nothing.
         device: Move the model there first; by default batches go to the device of the model's
             first parameter (the CPU for a model without parameters).
+        scheduler: A learning-rate scheduler over `opt`, stepped every `scheduler_interval`.
+            `ReduceLROnPlateau` is stepped once per epoch with `val_loss` (`train_loss` without
+            validation data). History records the learning rate each epoch ended with.
+        scheduler_interval: `"epoch"` (after validation) or `"step"` (after every optimizer
+            step, as `OneCycleLR` needs).
+        amp: Mixed precision: `"bf16"` autocasts forward and loss to bfloat16 (CPU or CUDA);
+            `"fp16"` to float16 with a `GradScaler` (CUDA only). `None`: full precision.
+        accumulate: Optimizer step every `accumulate` batches, each batch's loss divided so the
+            update equals that of one batch `accumulate` times larger (for a loader with a
+            length, the last, shorter group is divided by its own size).
+        clip_grad_norm: Clip the gradients' total 2-norm to this value before each step.
+        clip_grad_value: Clip every gradient element to `[-value, value]` before each step.
+        channels_last: Put the model and 4-dim inputs in `torch.channels_last` memory format
+            (faster convolutions on many devices).
+        compile: Run the forward pass through `torch.compile` (skipped with a warning where
+            this Python or platform cannot compile). Checkpoints still see the plain model.
+        terminate_on_nan: Add `TerminateOnNaN()`: stop at the first NaN or infinite loss.
 
     Returns:
         The `History` of the run: one record per completed epoch.
 
     Raises:
         ValueError: `epochs` < 1, empty `train_dl`, `opt` holds none of the model's parameters,
-            metrics without `valid_dl`, or a loss that is not 0-dim.
+            metrics without `valid_dl`, a loss that is not 0-dim, or a bad option (named).
         TypeError: a batch that is not an `(input, target)` pair, or a loss that is not a tensor.
         Exception: any error raised by the model, the loss or a callback, unchanged, after
             `on_exception` and `on_fit_end` ran.
@@ -125,18 +164,26 @@ def fit(
     if device is not None:
         model.to(device)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    run = _Run.build(
+        model, opt, dev, scheduler, scheduler_interval, amp, accumulate,
+        clip_grad_norm, clip_grad_value, channels_last, compile,
+    )  # fmt: skip
     named = named_metrics(metrics)
     move_metrics(named, dev)
+    extra: list[Callback] = [TerminateOnNaN()] if terminate_on_nan else []
     if progress is not False:
-        callbacks = [*callbacks, ProgressBar(force_bar=progress is True)]
-    cbs = sort_callbacks(callbacks)
-    hooks = {name: [getattr(cb, name) for cb in cbs if overrides(cb, name)] for name in _HOOKS}
-    state = TrainState(model, loss_func, opt, train_dl, valid_dl, epochs, dev)
+        extra.append(ProgressBar(force_bar=progress is True))
+    cbs = sort_callbacks([*callbacks, *extra])
+    hooks = {name: [getattr(cb, name) for cb in cbs if overrides(cb, name)] for name in HOOKS}
+    state = TrainState(
+        model, loss_func, opt, train_dl, valid_dl, epochs, dev,
+        scheduler=scheduler, scaler=run.scaler, callbacks=cbs,
+    )  # fmt: skip
     try:
         _call(hooks["on_fit_start"], state)
         for epoch in range(epochs):
             state.epoch = epoch
-            _train_epoch(state, hooks, named)
+            _train_epoch(state, hooks, named, run)
         state.status = "completed"
     except StopTraining as stop:
         state.status, state.stop_reason = "stopped", str(stop)
@@ -151,75 +198,177 @@ def fit(
     return state.history
 
 
-_HOOKS = (
-    "on_fit_start",
-    "on_epoch_start",
-    "on_train_batch_start",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-    "on_validation_start",
-    "on_validation_batch_end",
-    "on_validation_end",
-    "on_epoch_end",
-    "on_exception",
-    "on_fit_end",
-)
+@dataclass
+class _Run:
+    """The options of one `fit`, checked and prepared once, read by every step."""
+
+    forward: Callable[[Any], Any]
+    scheduler: Scheduler | None
+    step_scheduler: bool  # per optimizer step rather than per epoch
+    autocast: torch.autocast | None
+    scaler: torch.amp.GradScaler | None
+    accumulate: int
+    clip_grad_norm: float | None
+    clip_grad_value: float | None
+    channels_last: bool
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        opt: Optimizer,
+        dev: torch.device,
+        scheduler: Scheduler | None,
+        scheduler_interval: str,
+        amp: str | None,
+        accumulate: int,
+        clip_grad_norm: float | None,
+        clip_grad_value: float | None,
+        channels_last: bool,
+        compile: bool,
+    ) -> _Run:
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(
+                "fit(scheduler_interval=...): expected 'epoch' or 'step', "
+                f"got {scheduler_interval!r}"
+            )
+        if scheduler is not None and getattr(scheduler, "optimizer", opt) is not opt:
+            raise ValueError("fit(scheduler=...): the scheduler was built for another optimizer")
+        if isinstance(scheduler, ReduceLROnPlateau) and scheduler_interval == "step":
+            raise ValueError("fit(scheduler=...): ReduceLROnPlateau steps per epoch, not per step")
+        if amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"fit(amp=...): expected None, 'bf16' or 'fp16', got {amp!r}")
+        if amp == "fp16" and dev.type != "cuda":
+            raise ValueError(f"fit(amp='fp16') needs a CUDA device (model on {dev}); use 'bf16'")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"fit(accumulate=...): expected an int >= 1, got {accumulate!r}")
+        for name, value in (
+            ("clip_grad_norm", clip_grad_norm),
+            ("clip_grad_value", clip_grad_value),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"fit({name}=...): expected a number > 0, got {value!r}")
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        forward: Callable[[Any], Any] = model
+        if compile:
+            try:
+                forward = torch.compile(model)
+            except RuntimeError as err:  # raised at once where this Python/platform can't compile
+                warnings.warn(f"fit(compile=True): running eagerly: {err}", stacklevel=3)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
+        return cls(
+            forward=forward,
+            scheduler=scheduler,
+            step_scheduler=scheduler is not None and scheduler_interval == "step",
+            autocast=torch.autocast(dev.type, dtype=dtype) if dtype is not None else None,
+            scaler=torch.amp.GradScaler(dev.type) if amp == "fp16" else None,
+            accumulate=accumulate,
+            clip_grad_norm=clip_grad_norm,
+            clip_grad_value=clip_grad_value,
+            channels_last=channels_last,
+        )
 
 
 def _train_epoch(
-    state: TrainState, hooks: dict[str, list[Callable[..., None]]], metrics: dict[str, Metric]
+    state: TrainState,
+    hooks: dict[str, list[Callable[..., None]]],
+    metrics: dict[str, Metric],
+    run: _Run,
 ) -> None:
-    model, loss_func, opt, dev = state.model, state.loss_func, state.opt, state.device
-    batch_start, before_step = hooks["on_train_batch_start"], hooks["on_before_optimizer_step"]
-    batch_end = hooks["on_train_batch_end"]
+    model, loss_func, dev, forward = state.model, state.loss_func, state.device, run.forward
+    batch_start, batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
+    before_step = hooks["on_before_optimizer_step"]
+    accumulate, autocast, scaler = run.accumulate, run.autocast, run.scaler
+    # with accumulation, the last group of a sized loader may be shorter: divide by its size
+    n = len(state.train_dl) if isinstance(state.train_dl, Sized) else -1
+    full_groups_end = n - n % accumulate
+    pending = 0
     started = time.perf_counter()
     _call(hooks["on_epoch_start"], state)
     model.train()
     train_loss = Mean()
     for step, batch in enumerate(state.train_dl):
         xb, yb = _pair(batch, "train_dl")
-        state.step, state.xb, state.yb = step, to_device(xb, dev), to_device(yb, dev)
+        xb, yb = to_device(xb, dev), to_device(yb, dev)
+        if run.channels_last and isinstance(xb, Tensor) and xb.ndim == 4:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        state.step, state.xb, state.yb = step, xb, yb
         for hook in batch_start:
             hook(state)
-        out = model(state.xb)
-        loss = _check_loss(loss_func(out, state.yb), loss_func)
-        torch.autograd.backward(loss)
+        if autocast is None:
+            out = forward(state.xb)
+            loss = _check_loss(loss_func(out, state.yb), loss_func)
+        else:
+            with autocast:
+                out = forward(state.xb)
+                loss = _check_loss(loss_func(out, state.yb), loss_func)
         state.output = out
-        for hook in before_step:
-            hook(state)
-        opt.step()
-        opt.zero_grad()
+        scaled = loss
+        if accumulate > 1:
+            scaled = loss / (n - full_groups_end if 0 <= full_groups_end <= step else accumulate)
+        torch.autograd.backward(scaler.scale(scaled) if scaler is not None else scaled)
+        pending += 1
+        if pending == accumulate or step + 1 == n:
+            _optimizer_step(state, before_step, run)
+            pending = 0
         state.loss = loss.detach()
-        state.global_step += 1
         train_loss.update(state.loss, _batch_size(state.xb, state.yb))
         for hook in batch_end:
             hook(state)
     if train_loss.count == 0:
         raise ValueError("fit(train_dl=...): the training loader yielded no batches")
+    if pending:  # a loader without a length ended inside an accumulation group
+        _optimizer_step(state, before_step, run)
+    _call(hooks["on_train_epoch_end"], state)
     record: dict[str, float] = {"epoch": state.epoch, "train_loss": float(train_loss.compute())}
     tensors: dict[str, Tensor] = {}
     if state.valid_dl is not None:
         model.eval()
         _call(hooks["on_validation_start"], state)
         figures, tensors = _evaluate(
-            model,
-            loss_func,
-            state.valid_dl,
-            "valid_dl",
-            dev,
-            metrics,
-            state,
-            hooks["on_validation_batch_end"],
-        )
+            forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
+            state, hooks["on_validation_batch_end"], autocast,
+        )  # fmt: skip
         record.update({f"val_{name}": value for name, value in figures.items()})
         tensors = {f"val_{name}": value for name, value in tensors.items()}
         state.metrics = {**state.metrics, **record}
         _call(hooks["on_validation_end"], state)
-    record["lr"] = float(opt.param_groups[0]["lr"])
+    record["lr"] = float(state.opt.param_groups[0]["lr"])
+    if run.scheduler is not None and not run.step_scheduler:
+        if isinstance(run.scheduler, ReduceLROnPlateau):
+            run.scheduler.step(record.get("val_loss", record["train_loss"]))
+        else:
+            run.scheduler.step()
     record["seconds"] = time.perf_counter() - started
     state.history.append(record, tensors)
     state.metrics = dict(record)
     _call(hooks["on_epoch_end"], state)
+
+
+def _optimizer_step(state: TrainState, before_step: list[Callable[..., None]], run: _Run) -> None:
+    """Hooks, unscale, clip, step, zero_grad, per-step scheduler: one optimizer step."""
+    opt, scaler = state.opt, run.scaler
+    if scaler is not None:
+        scaler.unscale_(opt)  # hooks and clipping see the true gradients
+    for hook in before_step:
+        hook(state)
+    if run.clip_grad_norm is not None or run.clip_grad_value is not None:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if run.clip_grad_value is not None:
+            nn.utils.clip_grad_value_(params, run.clip_grad_value)
+        if run.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(params, run.clip_grad_norm)
+    if scaler is not None:
+        scaler.step(opt)  # GradScaler reads its inf check back from the device here
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad()
+    if run.step_scheduler:
+        assert run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau)
+        run.scheduler.step()
+    state.global_step += 1
 
 
 def evaluate(
@@ -271,7 +420,7 @@ def evaluate(
 
 
 def _evaluate(
-    model: nn.Module,
+    model: Callable[[Any], Any],
     loss_func: LossFn,
     dl: Iterable[Any],
     arg: str,
@@ -279,11 +428,12 @@ def _evaluate(
     metrics: dict[str, Metric],
     state: TrainState | None = None,
     batch_end: Sequence[Callable[[TrainState], None]] = (),
+    autocast: torch.autocast | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     loss = Mean()
     for m in metrics.values():
         m.reset()
-    with torch.no_grad():
+    with torch.no_grad(), autocast or contextlib.nullcontext():
         for step, batch in enumerate(dl):
             xb, yb = _pair(batch, arg)
             xb, yb = to_device(xb, dev), to_device(yb, dev)

@@ -128,6 +128,9 @@ class TrainState:
         status: `"running"`, then `"completed"`, `"stopped"` or `"failed"` in `on_fit_end`.
         stop_reason: The message of the `StopTraining` that stopped the run, if any.
         exception: The exception that failed the run, if any.
+        scheduler: The learning-rate scheduler of `fit(scheduler=...)`, if any.
+        scaler: The `GradScaler` of `fit(amp="fp16")`, if any.
+        callbacks: Every callback of the run (the built-in ones too), in firing order.
 
     Example:
         >>> class LogEveryHundred(Callback):  # doctest: +SKIP
@@ -155,3 +158,6 @@ class TrainState:
     status: Status = "running"
     stop_reason: str | None = None
     exception: BaseException | None = None
+    scheduler: Any = None
+    scaler: torch.amp.GradScaler | None = None
+    callbacks: list[Any] = field(default_factory=list)

@@ -2,6 +2,7 @@
 
 from trainkit.callbacks.base import HOOKS, Callback, StopTraining, show_training_loop
 from trainkit.callbacks.early_stopping import EarlyStopping
+from trainkit.callbacks.nan import TerminateOnNaN
 from trainkit.callbacks.progress import ProgressBar
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "EarlyStopping",
     "ProgressBar",
     "StopTraining",
+    "TerminateOnNaN",
     "show_training_loop",
 ]

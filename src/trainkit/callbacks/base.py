@@ -16,6 +16,7 @@ HOOKS: tuple[str, ...] = (
     "on_train_batch_start",
     "on_before_optimizer_step",
     "on_train_batch_end",
+    "on_train_epoch_end",
     "on_validation_start",
     "on_validation_batch_end",
     "on_validation_end",
@@ -53,6 +54,7 @@ class Callback:
     | `on_train_batch_start` | each batch, on the device, before forward | - | - |
     | `on_before_optimizer_step` | after backward, gradients final | - | - |
     | `on_train_batch_end` | after `opt.step()`; `state.loss` is set | - | - |
+    | `on_train_epoch_end` | after the last training batch, before validation | - | - |
     | `on_validation_start` | after `model.eval()`, under `no_grad` | - | - |
     | `on_validation_batch_end` | each validation batch | - | - |
     | `on_validation_end` | validation figures computed | - | - |
@@ -88,6 +90,9 @@ class Callback:
 
     def on_train_batch_end(self, state: TrainState) -> None:
         """After the optimizer step; `state.loss` holds the batch loss (reading it syncs)."""
+
+    def on_train_epoch_end(self, state: TrainState) -> None:
+        """After the epoch's last training batch, before validation and the History record."""
 
     def on_validation_start(self, state: TrainState) -> None:
         """After `model.eval()`, before the first validation batch."""
@@ -179,6 +184,7 @@ _OUTLINE: tuple[tuple[int, str], ...] = (
     (2, "on_before_optimizer_step"),
     (2, "opt.step(); opt.zero_grad()"),
     (2, "on_train_batch_end"),
+    (1, "on_train_epoch_end"),
     (1, "if valid_dl: model.eval(); with torch.no_grad():"),
     (2, "on_validation_start"),
     (2, "for each validation batch: loss and metrics"),

@@ -86,6 +86,8 @@ class ProgressBar(Callback):
 
     def on_fit_end(self, state: TrainState) -> None:
         self._close()
+        if state.status == "stopped":
+            print(f"stopped: {state.stop_reason}", file=self.file or sys.stdout, flush=True)
 
     def _close(self) -> None:
         if self._bar is not None:
