@@ -16,27 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import interleaved, machine, table
-from torch import Tensor, nn, optim
+from models import MnistCNN
+from torch import nn, optim
 from torch.utils.data import TensorDataset
 
 from trainkit import Accuracy, ConfusionMatrix, PerClassAccuracy, fit, get_data, loss_batch
-
-
-class MnistCNN(nn.Module):
-    """The tutorial's Mnist_CNN."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, kernel_size=3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(16, 10, kernel_size=3, stride=2, padding=1)
-
-    def forward(self, xb: Tensor) -> Tensor:
-        xb = xb.view(-1, 1, 28, 28)
-        xb = F.relu(self.conv1(xb))
-        xb = F.relu(self.conv2(xb))
-        xb = F.relu(self.conv3(xb))
-        return F.avg_pool2d(xb, 4).view(-1, xb.size(1))
 
 
 def main() -> None:

@@ -1,0 +1,137 @@
+"""trainkit's `fit` against the tutorial's hand-written loop, on the seeds' models.
+
+    python benchmarks/bench_fit.py [--reps 11] [--train 10000] [--out benchmarks/fit.md]
+
+Each run is one epoch of training plus validation, on in-memory random data of the real shapes
+(the work per step does not depend on the values). The hand-written loop is the tutorial's own
+`fit` with `loss_batch`; trainkit's `fit` runs with its defaults on: a progress bar (drawn into
+a discarded stream), the streaming `Accuracy` metric and the NaN check. Variants run interleaved;
+every run starts from the same model and data order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from common import interleaved, machine, table
+from models import BlitzNet, MnistCNN, QuickstartMLP
+from torch import nn, optim
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainkit import Accuracy, Amp, fit, loss_batch
+
+Workload = tuple[str, Callable[[], nn.Module], tuple[int, ...], int, float, float]
+WORKLOADS: list[Workload] = [
+    # name, model, input shape, batch size, lr, momentum
+    ("W1 logistic regression", lambda: nn.Linear(784, 10), (784,), 64, 0.5, 0.0),
+    ("W2 Mnist_CNN", MnistCNN, (784,), 64, 0.1, 0.9),
+    ("W3 Quickstart MLP", QuickstartMLP, (1, 28, 28), 64, 1e-3, 0.0),
+    ("W4 blitz CIFAR Net, batch 4", BlitzNet, (3, 32, 32), 4, 1e-3, 0.9),
+    ("W4 blitz CIFAR Net, batch 64", BlitzNet, (3, 32, 32), 64, 1e-3, 0.9),
+]
+
+
+def loaders(
+    shape: tuple[int, ...], bs: int, n_train: int
+) -> tuple[DataLoader[tuple[torch.Tensor, ...]], ...]:
+    g = torch.Generator().manual_seed(0)
+    n_valid = n_train // 5
+    x = torch.randn(n_train + n_valid, *shape, generator=g)
+    y = torch.randint(0, 10, (n_train + n_valid,), generator=g)
+    train = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=bs, shuffle=True)
+    valid = DataLoader(TensorDataset(x[n_train:], y[n_train:]), batch_size=bs * 2)
+    return train, valid
+
+
+def bench(workload: Workload, reps: int, n_train: int, features: bool) -> str:
+    """Time one workload's variants; return its markdown section."""
+    name, make, shape, bs, lr, momentum = workload
+    train_dl, valid_dl = loaders(shape, bs, n_train)
+    sink = io.StringIO()
+
+    def fresh() -> tuple[nn.Module, optim.Optimizer]:
+        torch.manual_seed(0)  # same weights and same shuffle order in every run
+        model = make()
+        return model, optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+    def hand_written() -> None:
+        model, opt = fresh()
+        model.train()
+        for xb, yb in train_dl:
+            loss_batch(model, F.cross_entropy, xb, yb, opt)
+        model.eval()
+        with torch.no_grad():
+            losses, nums = zip(
+                *[loss_batch(model, F.cross_entropy, xb, yb) for xb, yb in valid_dl], strict=True
+            )
+        print(np.sum(np.multiply(losses, nums)) / np.sum(nums), file=sink)
+
+    def trainkit_fit(
+        clip: float | None = None,
+        accumulate: int = 1,
+        amp: Amp | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> Callable[[], None]:
+        def run() -> None:
+            model, opt = fresh()
+            with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
+                fit(1, model, F.cross_entropy, opt, train_dl, valid_dl, metrics=[Accuracy()],
+                    progress=True, clip_grad_norm=clip, accumulate=accumulate, amp=amp,
+                    channels_last=channels_last, compile=compile)  # fmt: skip
+
+        return run
+
+    variants = {"hand-written loop": hand_written, "trainkit fit (defaults)": trainkit_fit()}
+    if features:
+        variants |= {
+            "fit, clip_grad_norm=1.0": trainkit_fit(clip=1.0),
+            "fit, accumulate=2": trainkit_fit(accumulate=2),
+            "fit, amp='bf16'": trainkit_fit(amp="bf16"),
+            "fit, channels_last=True": trainkit_fit(channels_last=True),
+            "fit, compile=True": trainkit_fit(compile=True),
+        }
+    times = interleaved(variants, reps)
+    title = f"## {name} ({len(train_dl)} steps + {len(valid_dl)} validation batches)"
+    return f"{title}\n\n{table(times, 'hand-written loop')}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--train", type=int, default=10_000, help="training samples per epoch")
+    parser.add_argument("--features", action="store_true", help="also time fit's options on W2")
+    parser.add_argument("--only", default="", help="run only workloads whose name contains this")
+    parser.add_argument("--out", default=str(Path(__file__).with_name("fit.md")))
+    args = parser.parse_args()
+    sections = []
+    for workload in WORKLOADS:
+        if args.only in workload[0]:
+            features = args.features and workload[0].startswith("W2")
+            sections.append(bench(workload, args.reps, args.train, features))
+            print(sections[-1], flush=True)
+    report = "\n\n".join(
+        [
+            "# trainkit `fit` vs the hand-written loop (CPU)",
+            f"Measured {datetime.date.today()} on {machine()}.",
+            f"Command: `python benchmarks/bench_fit.py --reps {args.reps} --train {args.train}"
+            + (" --features`." if args.features else "`."),
+            "One epoch = training plus validation (validation batches twice the training batch). "
+            "Ratio = trainkit / hand-written; the paired ratio is the median over repetitions of "
+            "the ratio within the same repetition.",
+            *sections,
+        ]
+    )
+    Path(args.out).write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
