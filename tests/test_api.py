@@ -13,6 +13,7 @@ ALIASES = {
     "LossFn",
     "MetricArg",
     "Scheduler",
+    "Stateful",
     "Status",
     "HOOKS",
     "__version__",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +20,16 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from trainkit.callbacks.base import HOOKS, Callback, StopTraining, overrides, sort_callbacks
 from trainkit.callbacks.nan import TerminateOnNaN
 from trainkit.callbacks.progress import ProgressBar
+from trainkit.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    callback_keys,
+    load_checkpoint,
+    loader_generators,
+    resume_path,
+    rng_state,
+    set_rng_state,
+)
 from trainkit.data import _canonical, to_device
 from trainkit.metrics import Mean, Metric, MetricArg, move_metrics, named_metrics
 from trainkit.state import History, TrainState
@@ -94,6 +107,7 @@ def fit(
     channels_last: bool = False,
     compile: bool = False,
     terminate_on_nan: bool = True,
+    resume: str | os.PathLike[str] | None = None,
 ) -> History:
     """Train `model` for `epochs` epochs, validating after each: the tutorial's `fit`, kept.
 
@@ -136,6 +150,14 @@ def fit(
         compile: Run the forward pass through `torch.compile` (skipped with a warning where
             this Python or platform cannot compile). Checkpoints still see the plain model.
         terminate_on_nan: Add `TerminateOnNaN()`: stop at the first NaN or infinite loss.
+        resume: A checkpoint file, or a `ModelCheckpoint` directory (its `last.ckpt`), to
+            continue from: model, optimizer, scheduler, scaler, callbacks, History, random
+            generators and the position in the epoch are restored, and the batches after it are
+            the ones the uninterrupted run would have seen. `epochs` is the run's total.
+
+    Ctrl-C while training is deferred to the end of the current step (a second Ctrl-C
+    interrupts at once), so a `ModelCheckpoint` can save the last completed step before the
+    `KeyboardInterrupt` propagates.
 
     Returns:
         The `History` of the run: one record per completed epoch.
@@ -179,11 +201,15 @@ def fit(
         model, loss_func, opt, train_dl, valid_dl, epochs, dev,
         scheduler=scheduler, scaler=run.scaler, callbacks=cbs,
     )  # fmt: skip
+    restore_sigint = _defer_sigint(state)
     try:
         _call(hooks["on_fit_start"], state)
-        for epoch in range(epochs):
+        ckpt = _resume(state, resume) if resume is not None else None
+        start = 0 if ckpt is None else ckpt.epoch + ckpt.epoch_complete
+        for epoch in range(start, epochs):
             state.epoch = epoch
-            _train_epoch(state, hooks, named, run)
+            mid_epoch = ckpt is not None and not ckpt.epoch_complete and epoch == ckpt.epoch
+            _train_epoch(state, hooks, named, run, ckpt if mid_epoch else None)
         state.status = "completed"
     except StopTraining as stop:
         state.status, state.stop_reason = "stopped", str(stop)
@@ -194,8 +220,47 @@ def fit(
         for on_fit_end in hooks["on_fit_end"]:
             _note_failure(exc, on_fit_end, state)
         raise
+    finally:
+        restore_sigint()
     _call(hooks["on_fit_end"], state)
     return state.history
+
+
+def _resume(state: TrainState, resume: str | os.PathLike[str]) -> Checkpoint:
+    """Restore a run from its checkpoint; the random generators are set by the caller."""
+    ckpt = load_checkpoint(
+        resume_path(resume), model=state.model, optimizer=state.opt,
+        scheduler=state.scheduler, scaler=state.scaler,
+    )  # fmt: skip
+    state.history.load_state_dict(ckpt.history)
+    state.global_step = ckpt.global_step
+    for key, cb in callback_keys(state.callbacks).items():
+        if key in ckpt.callbacks:
+            cb.load_state_dict(ckpt.callbacks[key])
+    if ckpt.epoch_complete:
+        set_rng_state(ckpt.rng)
+        state.metrics = dict(state.history[-1]) if len(state.history) else {}
+    return ckpt
+
+
+def _defer_sigint(state: TrainState) -> Callable[[], None]:
+    """Make Ctrl-C set `state.interrupted` (checked after each step); return the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return lambda: None  # someone else handles Ctrl-C: leave it to them
+
+    def handler(signum: int, frame: Any) -> None:
+        if state.interrupted:  # the second Ctrl-C: now
+            raise KeyboardInterrupt
+        state.interrupted = True
+
+    signal.signal(signal.SIGINT, handler)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    return restore
 
 
 @dataclass
@@ -275,6 +340,7 @@ def _train_epoch(
     hooks: dict[str, list[Callable[..., None]]],
     metrics: dict[str, Metric],
     run: _Run,
+    resume: Checkpoint | None = None,
 ) -> None:
     model, loss_func, dev, forward = state.model, state.loss_func, state.device, run.forward
     batch_start, batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
@@ -287,8 +353,8 @@ def _train_epoch(
     started = time.perf_counter()
     _call(hooks["on_epoch_start"], state)
     model.train()
-    train_loss = Mean()
-    for step, batch in enumerate(state.train_dl):
+    batches, train_loss = _start_epoch(state, resume)
+    for step, batch in batches:
         xb, yb = _pair(batch, "train_dl")
         xb, yb = to_device(xb, dev), to_device(yb, dev)
         if run.channels_last and isinstance(xb, Tensor) and xb.ndim == 4:
@@ -314,8 +380,11 @@ def _train_epoch(
             pending = 0
         state.loss = loss.detach()
         train_loss.update(state.loss, _batch_size(state.xb, state.yb))
+        state.batches_done = step + 1
         for hook in batch_end:
             hook(state)
+        if state.interrupted:
+            raise KeyboardInterrupt
     if train_loss.count == 0:
         raise ValueError("fit(train_dl=...): the training loader yielded no batches")
     if pending:  # a loader without a length ended inside an accumulation group
@@ -344,6 +413,36 @@ def _train_epoch(
     state.history.append(record, tensors)
     state.metrics = dict(record)
     _call(hooks["on_epoch_end"], state)
+
+
+def _start_epoch(
+    state: TrainState, resume: Checkpoint | None
+) -> tuple[Iterator[tuple[int, Any]], Mean]:
+    """The epoch's batches and running loss: fresh, or replayed up to a mid-epoch checkpoint."""
+    generators = loader_generators(state.train_dl)
+    train_loss = state.train_loss = Mean()
+    if resume is None:
+        state.batches_done = 0
+        state.epoch_rng = {**rng_state(), "loaders": [g.get_state() for g in generators]}
+        return enumerate(state.train_dl), train_loss
+    if resume.epoch_rng is None or resume.train_loss is None:
+        raise CheckpointError(f"{resume.path}: a mid-epoch checkpoint without its epoch state")
+    # replay the epoch's data order: the generators as they were when it was drawn
+    set_rng_state(resume.epoch_rng)
+    for g, g_state in zip(generators, resume.epoch_rng.get("loaders", []), strict=False):
+        g.set_state(g_state)
+    state.epoch_rng = resume.epoch_rng
+    batches = iter(state.train_dl)
+    for done in range(resume.step):  # the loader's work for these batches is repeated
+        if next(batches, None) is None:
+            raise CheckpointError(
+                f"{resume.path}: saved after {resume.step} batches of epoch {resume.epoch}, "
+                f"but train_dl now yields only {done}"
+            )
+    set_rng_state(resume.rng)  # dropout and the rest continue as they would have
+    train_loss.load_state_dict(resume.train_loss)
+    state.batches_done = resume.step
+    return enumerate(batches, start=resume.step), train_loss
 
 
 def _optimizer_step(state: TrainState, before_step: list[Callable[..., None]], run: _Run) -> None:
@@ -445,6 +544,8 @@ def _evaluate(
                 state.step, state.xb, state.yb, state.output = step, xb, yb, out
                 for hook in batch_end:
                     hook(state)
+                if state.interrupted:
+                    raise KeyboardInterrupt
     if loss.count == 0:
         raise ValueError(f"{arg}: the loader yielded no batches")
     # The read-backs from the device: once per validation pass.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -452,6 +452,16 @@ class Mean:
         part = (values * weights.to(values.device, non_blocking=True)).sum()
         self.total = part if self.total is None else self.total + part
         self._values, self._weights = [], []
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running total and weight, for checkpoints."""
+        self._fold()
+        return {"total": self.total, "count": self.count}
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None:
+        """Continue from what `state_dict` returned."""
+        self.reset()
+        self.total, self.count = state_dict["total"], float(state_dict["count"])
 
     def compute(self) -> Tensor:
         """The weighted mean as a 0-dim float64 tensor."""

@@ -43,6 +43,18 @@ class History:
         self.records.append(record)
         self._tensors.append(dict(tensors or {}))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The records and tensors, for checkpoints."""
+        return {
+            "records": [dict(r) for r in self.records],
+            "tensors": [dict(t) for t in self._tensors],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None:
+        """Replace the records and tensors with those of `state_dict`."""
+        self.records = [dict(r) for r in state_dict["records"]]
+        self._tensors = [dict(t) for t in state_dict["tensors"]]
+
     def tensors(self, name: str) -> list[Tensor]:
         """The tensor-valued results recorded under `name`, one per epoch.
 
@@ -131,6 +143,11 @@ class TrainState:
         scheduler: The learning-rate scheduler of `fit(scheduler=...)`, if any.
         scaler: The `GradScaler` of `fit(amp="fp16")`, if any.
         callbacks: Every callback of the run (the built-in ones too), in firing order.
+        batches_done: Training batches completed in the current epoch.
+        epoch_rng: Random-number-generator states just before the epoch's data order was drawn
+            (what an exact mid-epoch resume replays).
+        train_loss: The current epoch's running training loss (a `Mean`).
+        interrupted: Ctrl-C was pressed; the run stops at the end of the current step.
 
     Example:
         >>> class LogEveryHundred(Callback):  # doctest: +SKIP
@@ -161,3 +178,7 @@ class TrainState:
     scheduler: Any = None
     scaler: torch.amp.GradScaler | None = None
     callbacks: list[Any] = field(default_factory=list)
+    batches_done: int = 0
+    epoch_rng: dict[str, Any] | None = None
+    train_loss: Any = None
+    interrupted: bool = False

@@ -1,6 +1,7 @@
 """Callbacks: the hook protocol and the built-in callbacks."""
 
 from trainkit.callbacks.base import HOOKS, Callback, StopTraining, show_training_loop
+from trainkit.callbacks.checkpoint import ModelCheckpoint
 from trainkit.callbacks.early_stopping import EarlyStopping
 from trainkit.callbacks.nan import TerminateOnNaN
 from trainkit.callbacks.progress import ProgressBar
@@ -9,6 +10,7 @@ __all__ = [
     "HOOKS",
     "Callback",
     "EarlyStopping",
+    "ModelCheckpoint",
     "ProgressBar",
     "StopTraining",
     "TerminateOnNaN",
