@@ -43,6 +43,10 @@ def test_quickstart_smoke_trains_and_saves_weights(
     assert re.search(r"epoch 2/2  train_loss [\d.]+  val_loss [\d.]+  val_accuracy [\d.]+", out)
     assert final["accuracy"] > 0.4  # well above chance (0.1) after 16 steps on real images
     assert (tmp_path / "model_weights.pth").stat().st_size > 2_000_000  # 669,706 float32 weights
+    # run again with one more epoch: it resumes from the checkpoints and trains only that one
+    quickstart.main(["--smoke", "--epochs", "3", "--lr", "0.1", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "epoch 3/3" in out and "epoch 2/3" not in out
 
 
 @pytest.mark.usefixtures("real_data")
