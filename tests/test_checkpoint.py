@@ -463,3 +463,29 @@ def test_mid_epoch_checkpoint_against_a_shorter_loader_is_refused(tmp_path: Path
             progress=False,
             resume=tmp_path / "b",
         )
+
+
+def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path: Path) -> None:
+    calls = {"n": 0}
+
+    def breaks_in_epoch_1(out: Tensor, y: Tensor) -> Tensor:
+        calls["n"] += torch.is_grad_enabled()
+        loss = F.cross_entropy(out, y)
+        return loss * float("inf") if calls["n"] > 4 else loss  # 4 steps per epoch
+
+    model = small()
+    mc = ModelCheckpoint(tmp_path, save_top_k=0)
+    fit(
+        3,
+        model,
+        breaks_in_epoch_1,
+        optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(data(), batch_size=16),
+        callbacks=[mc],
+        terminate_on_nan=False,
+        progress=False,
+    )
+    assert not all(bool(p.isfinite().all()) for p in model.parameters())  # the run did break
+    restored = small()
+    ckpt = load_checkpoint(mc.last_path, model=restored)
+    assert ckpt.epoch == 0 and all(bool(p.isfinite().all()) for p in restored.parameters())

@@ -36,6 +36,7 @@ from trainkit.data import (
 from trainkit.datasets import fashion_mnist
 from trainkit.layers import Lambda
 from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
+from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.metrics import (
     Accuracy,
     BatchMetric,
@@ -63,6 +64,7 @@ __all__ = [
     "DeviceDataLoader",
     "EarlyStopping",
     "History",
+    "LRFinderResult",
     "Lambda",
     "LoaderOptions",
     "LossFn",
@@ -89,6 +91,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "loss_batch",
+    "lr_find",
     "predict",
     "save_checkpoint",
     "save_weights",
