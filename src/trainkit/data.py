@@ -219,3 +219,21 @@ def _len(dl: object, owner: str) -> int:
     if not isinstance(dl, Sized):
         raise TypeError(f"{owner}: the wrapped loader ({type(dl).__name__}) has no len()")
     return len(dl)
+
+
+def set_epoch(dl: object, epoch: int) -> None:
+    """Tell a loader's `DistributedSampler` (or any sampler with `set_epoch`) the epoch, through
+    wrappers (`WrappedDataLoader`, `DeviceDataLoader`), so each epoch is shuffled differently."""
+    for _ in range(8):  # through a few layers of wrappers
+        for owner in (
+            dl,
+            getattr(dl, "sampler", None),
+            getattr(getattr(dl, "batch_sampler", None), "sampler", None),
+        ):
+            method = getattr(owner, "set_epoch", None)
+            if callable(method):
+                method(epoch)
+                return
+        dl = getattr(dl, "dl", None)
+        if dl is None:
+            return

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
@@ -30,11 +31,14 @@ from trainkit.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainkit.data import _canonical, to_device
-from trainkit.metrics import Mean, Metric, MetricArg, move_metrics, named_metrics
+from trainkit.data import _canonical, set_epoch, to_device
+from trainkit.distributed import is_distributed, rank, world_size
+from trainkit.metrics import SYNCED, Mean, Metric, MetricArg, move_metrics, named_metrics
 from trainkit.state import History, TrainState
 
 __all__ = ["Amp", "LossFn", "Scheduler", "evaluate", "fit", "loss_batch", "predict"]
+
+_NULL = contextlib.nullcontext()
 
 LossFn = Callable[[Any, Any], Tensor]
 """A loss function `loss_func(output, target) -> 0-dim tensor`, such as `F.cross_entropy`."""
@@ -192,8 +196,11 @@ def fit(
     )  # fmt: skip
     named = named_metrics(metrics)
     move_metrics(named, dev)
-    extra: list[Callback] = [TerminateOnNaN()] if terminate_on_nan else []
-    if progress is not False:
+    given = {type(cb) for cb in callbacks}
+    extra: list[Callback] = []
+    if terminate_on_nan and TerminateOnNaN not in given:
+        extra.append(TerminateOnNaN())
+    if progress is not False and ProgressBar not in given:  # the caller's own bar replaces ours
         extra.append(ProgressBar(force_bar=progress is True))
     cbs = sort_callbacks([*callbacks, *extra])
     hooks = {name: [getattr(cb, name) for cb in cbs if overrides(cb, name)] for name in HOOKS}
@@ -215,6 +222,11 @@ def fit(
         state.status, state.stop_reason = "stopped", str(stop)
     except BaseException as exc:
         state.status, state.exception = "failed", exc
+        if is_distributed():
+            exc.add_note(
+                f"trainkit: on rank {rank()} of {world_size()}; if another rank failed first, "
+                "its error is the cause"
+            )
         for on_exception in hooks["on_exception"]:
             _note_failure(exc, on_exception, state, exc)
         for on_fit_end in hooks["on_fit_end"]:
@@ -268,6 +280,8 @@ class _Run:
     """The options of one `fit`, checked and prepared once, read by every step."""
 
     forward: Callable[[Any], Any]
+    evaluate_forward: Callable[[Any], Any]
+    ddp: DistributedDataParallel | None  # the DistributedDataParallel wrapper under a process group
     scheduler: Scheduler | None
     step_scheduler: bool  # per optimizer step rather than per epoch
     autocast: torch.autocast | None
@@ -315,15 +329,27 @@ class _Run:
                 raise ValueError(f"fit({name}=...): expected a number > 0, got {value!r}")
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        forward: Callable[[Any], Any] = model
+        ddp = model if isinstance(model, DistributedDataParallel) else None
+        if ddp is None and is_distributed():
+            ddp = DistributedDataParallel(
+                model, device_ids=[dev.index] if dev.type == "cuda" else None
+            )
+        # validation runs the plain module: no collectives, so shards may differ in length
+        evaluate_forward: Callable[[Any], Any] = (
+            model.module if isinstance(model, DistributedDataParallel) else model
+        )
+        forward: Callable[[Any], Any] = ddp if ddp is not None else model
         if compile:
             try:
-                forward = torch.compile(model)
+                forward = torch.compile(forward)
+                evaluate_forward = forward if ddp is None else evaluate_forward
             except RuntimeError as err:  # raised at once where this Python/platform can't compile
                 warnings.warn(f"fit(compile=True): running eagerly: {err}", stacklevel=3)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
         return cls(
             forward=forward,
+            evaluate_forward=evaluate_forward,
+            ddp=ddp,
             scheduler=scheduler,
             step_scheduler=scheduler is not None and scheduler_interval == "step",
             autocast=torch.autocast(dev.type, dtype=dtype) if dtype is not None else None,
@@ -362,18 +388,19 @@ def _train_epoch(
         state.step, state.xb, state.yb = step, xb, yb
         for hook in batch_start:
             hook(state)
-        if autocast is None:
-            out = forward(state.xb)
-            loss = _check_loss(loss_func(out, state.yb), loss_func)
-        else:
-            with autocast:
+        # under DDP, gradients are reduced only on the batch that ends an accumulation group
+        no_sync = run.ddp is not None and pending + 1 < accumulate and step + 1 != n
+        with run.ddp.no_sync() if no_sync else _NULL:  # type: ignore[union-attr]
+            with autocast or _NULL:
                 out = forward(state.xb)
                 loss = _check_loss(loss_func(out, state.yb), loss_func)
+            scaled = loss
+            if accumulate > 1:
+                scaled = loss / (
+                    n - full_groups_end if 0 <= full_groups_end <= step else accumulate
+                )
+            torch.autograd.backward(scaler.scale(scaled) if scaler is not None else scaled)
         state.output = out
-        scaled = loss
-        if accumulate > 1:
-            scaled = loss / (n - full_groups_end if 0 <= full_groups_end <= step else accumulate)
-        torch.autograd.backward(scaler.scale(scaled) if scaler is not None else scaled)
         pending += 1
         if pending == accumulate or step + 1 == n:
             _optimizer_step(state, before_step, run)
@@ -390,13 +417,15 @@ def _train_epoch(
     if pending:  # a loader without a length ended inside an accumulation group
         _optimizer_step(state, before_step, run)
     _call(hooks["on_train_epoch_end"], state)
+    if is_distributed():
+        train_loss.sync()  # the loss over every process's batches
     record: dict[str, float] = {"epoch": state.epoch, "train_loss": float(train_loss.compute())}
     tensors: dict[str, Tensor] = {}
     if state.valid_dl is not None:
         model.eval()
         _call(hooks["on_validation_start"], state)
         figures, tensors = _evaluate(
-            forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
+            run.evaluate_forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
             state, hooks["on_validation_batch_end"], autocast,
         )  # fmt: skip
         record.update({f"val_{name}": value for name, value in figures.items()})
@@ -419,6 +448,7 @@ def _start_epoch(
     state: TrainState, resume: Checkpoint | None
 ) -> tuple[Iterator[tuple[int, Any]], Mean]:
     """The epoch's batches and running loss: fresh, or replayed up to a mid-epoch checkpoint."""
+    set_epoch(state.train_dl, state.epoch)
     generators = loader_generators(state.train_dl)
     train_loss = state.train_loss = Mean()
     if resume is None:
@@ -548,6 +578,11 @@ def _evaluate(
                     raise KeyboardInterrupt
     if loss.count == 0:
         raise ValueError(f"{arg}: the loader yielded no batches")
+    if is_distributed():  # sum over the processes' shards (torchmetrics' sync in compute)
+        to_sync: list[object] = [loss, *metrics.values()]
+        for item in to_sync:
+            if isinstance(item, SYNCED):
+                item.sync()
     # The read-backs from the device: once per validation pass.
     scalars, tensors = {"loss": float(loss.compute())}, {}
     for name, metric in metrics.items():

@@ -499,6 +499,13 @@ class _BatchMean:
     def compute(self) -> Tensor:
         return self.mean.compute()
 
+    def sync(self) -> None:
+        self.mean.sync()
+
+
+SYNCED = (_Classification, Mean, _BatchMean)
+"""Metrics whose `sync()` `fit` calls under a process group (torchmetrics sync in `compute`)."""
+
 
 def named_metrics(metrics: MetricArg) -> dict[str, Metric]:
     """Name each metric and wrap batch functions, refusing clashes and non-metrics.
