@@ -28,12 +28,13 @@ from trainkit.checkpoint import (
 from trainkit.data import (
     DeviceDataLoader,
     LoaderOptions,
+    TensorDataLoader,
     WrappedDataLoader,
     get_data,
     get_device,
     to_device,
 )
-from trainkit.datasets import fashion_mnist
+from trainkit.datasets import CustomImageDataset, DatasetError, fashion_mnist
 from trainkit.layers import Lambda
 from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
 from trainkit.lr_finder import LRFinderResult, lr_find
@@ -49,6 +50,7 @@ from trainkit.metrics import (
     top_k_accuracy,
 )
 from trainkit.state import History, Status, TrainState
+from trainkit.transforms import OneHot, one_hot
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,8 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "ConfusionMatrix",
+    "CustomImageDataset",
+    "DatasetError",
     "DeviceDataLoader",
     "EarlyStopping",
     "History",
@@ -72,12 +76,14 @@ __all__ = [
     "Metric",
     "MetricArg",
     "ModelCheckpoint",
+    "OneHot",
     "PerClassAccuracy",
     "ProgressBar",
     "Scheduler",
     "Stateful",
     "Status",
     "StopTraining",
+    "TensorDataLoader",
     "TerminateOnNaN",
     "TrainState",
     "WrappedDataLoader",
@@ -92,6 +98,7 @@ __all__ = [
     "load_weights",
     "loss_batch",
     "lr_find",
+    "one_hot",
     "predict",
     "save_checkpoint",
     "save_weights",

@@ -1,17 +1,18 @@
-"""Loaders from the tutorial: wrap a loader with a function, move batches to a device."""
+"""Loaders: wrap a loader with a function, move batches to a device, batch in-memory tensors."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from typing import Any, Generic, TypedDict, TypeVar, Unpack, cast
+from typing import Any, Final, Generic, TypedDict, TypeVar, Unpack, cast
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 __all__ = [
     "DeviceDataLoader",
     "LoaderOptions",
+    "TensorDataLoader",
     "WrappedDataLoader",
     "get_data",
     "get_device",
@@ -26,7 +27,9 @@ class WrappedDataLoader(Generic[T]):
     """Apply `func` to every batch of `dl`, lazily, as the tutorial's `WrappedDataLoader`.
 
     A batch that is a tuple or list is unpacked into `func(*batch)`, exactly as in the tutorial;
-    any other batch (a dict, a single tensor) is passed as `func(batch)`.
+    any other batch (a dict, a single tensor) is passed as `func(batch)`. `len()`, `dataset`
+    and `sampler` are those of `dl`, so `wrapped.sampler.set_epoch(epoch)` reaches a
+    `DistributedSampler` through any number of wrappers.
 
     Args:
         dl: The loader (or any re-iterable) to wrap.
@@ -34,6 +37,7 @@ class WrappedDataLoader(Generic[T]):
 
     Raises:
         TypeError: `func` is not callable; `len()` of a wrapper whose `dl` has no length.
+        AttributeError: `dataset` or `sampler` of a wrapper whose `dl` has none.
 
     Example:
         >>> import torch
@@ -57,6 +61,16 @@ class WrappedDataLoader(Generic[T]):
     def __len__(self) -> int:
         return _len(self.dl, "WrappedDataLoader")
 
+    @property
+    def dataset(self) -> Any:
+        """The wrapped loader's `dataset`."""
+        return _forward(self.dl, "dataset", "WrappedDataLoader")
+
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's `sampler` (e.g. a `DistributedSampler`, for `set_epoch`)."""
+        return _forward(self.dl, "sampler", "WrappedDataLoader")
+
     def __iter__(self) -> Iterator[T]:
         func = self.func
         for b in self.dl:
@@ -66,15 +80,24 @@ class WrappedDataLoader(Generic[T]):
 class DeviceDataLoader(Generic[B]):
     """Yield the batches of `dl` moved to `device` (tensors nested in tuples, lists and dicts).
 
-    Tensors already on `device` are passed through untouched.
+    On a CUDA device, the next batch is copied while the current one trains: its CPU tensors
+    are pinned (unless the `DataLoader` pinned them already, `pin_memory=True`) and copied with
+    `non_blocking=True` on a side CUDA stream; the stream the batch is used on waits for that
+    copy (`wait_stream`), and the batch's memory is marked as used there (`record_stream`), so
+    the copy overlaps the model's work without a race. On any other device (the CPU), batches
+    pass through: tensors already on `device` are yielded as they are, without a copy.
+    `len()`, `dataset` and `sampler` are those of `dl`.
 
     Args:
         dl: The loader to wrap.
         device: Where batches go, e.g. `"cuda"` or `get_device()`.
         non_blocking: Copy asynchronously where the platform allows (pinned host memory to GPU).
+        prefetch: On CUDA, copy the next batch on a side stream while the current one is used.
+            Without it (or with `non_blocking=False`), each batch is copied when it is needed.
 
     Raises:
         TypeError: `len()` of a wrapper whose `dl` has no length.
+        AttributeError: `dataset` or `sampler` of a wrapper whose `dl` has none.
 
     Example:
         >>> import torch
@@ -86,19 +109,187 @@ class DeviceDataLoader(Generic[B]):
     """
 
     def __init__(
-        self, dl: Iterable[B], device: torch.device | str, non_blocking: bool = True
+        self,
+        dl: Iterable[B],
+        device: torch.device | str,
+        non_blocking: bool = True,
+        *,
+        prefetch: bool = True,
     ) -> None:
         self.dl = dl
         self.device = _canonical(torch.device(device))
         self.non_blocking = non_blocking
+        self.prefetch = prefetch
 
     def __len__(self) -> int:
         return _len(self.dl, "DeviceDataLoader")
 
+    @property
+    def dataset(self) -> Any:
+        """The wrapped loader's `dataset`."""
+        return _forward(self.dl, "dataset", "DeviceDataLoader")
+
+    @property
+    def sampler(self) -> Any:
+        """The wrapped loader's `sampler` (e.g. a `DistributedSampler`, for `set_epoch`)."""
+        return _forward(self.dl, "sampler", "DeviceDataLoader")
+
     def __iter__(self) -> Iterator[B]:
         device, non_blocking = self.device, self.non_blocking
-        for b in self.dl:
-            yield to_device(b, device, non_blocking=non_blocking)
+        if device.type == "cuda" and non_blocking and self.prefetch:
+            return _prefetch_cuda(self.dl, device)
+        return (to_device(b, device, non_blocking=non_blocking) for b in self.dl)
+
+
+_END: Final = object()
+
+
+def _prefetch_cuda(dl: Iterable[B], device: torch.device) -> Iterator[B]:
+    """Yield `dl`'s batches on `device`, each copied on a side stream during the previous step."""
+    side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]  # torch: unannotated
+    batches = iter(dl)
+
+    def start_copy() -> Any:
+        batch = next(batches, _END)
+        if batch is _END:
+            return _END
+        with torch.cuda.stream(side):
+            return _to_device(_pin(batch), device, True)
+
+    pending = start_copy()
+    while pending is not _END:
+        current = torch.cuda.current_stream(device)
+        current.wait_stream(side)  # this batch's copies finish before the step's kernels read it
+        # Its memory was allocated on `side`; without this, the allocator could hand it out
+        # again for the next copy while the step on `current` still reads it.
+        _record_stream(pending, current)
+        batch, pending = pending, start_copy()  # the next copy overlaps this step's work
+        yield cast(B, batch)
+
+
+def _pin(obj: Any) -> Any:
+    return _map_tensors(obj, lambda t: t.pin_memory() if _pinnable(t) else t)
+
+
+def _pinnable(t: Tensor) -> bool:
+    return t.device.type == "cpu" and not t.is_pinned()
+
+
+def _record_stream(obj: Any, stream: torch.cuda.Stream) -> None:
+    if isinstance(obj, Tensor):
+        if obj.device.type == "cuda":
+            obj.record_stream(stream)
+    elif isinstance(obj, tuple | list):
+        for item in obj:
+            _record_stream(item, stream)
+    elif isinstance(obj, Mapping):
+        for item in obj.values():
+            _record_stream(item, stream)
+
+
+class TensorDataLoader:
+    """Batches of tensors that stay in memory, on the device, indexed there: no collate.
+
+    For data that fits in memory (the tutorials' MNIST and FashionMNIST arrays), this replaces
+    `DataLoader(TensorDataset(*tensors), batch_size, shuffle)`: the tensors are moved to
+    `device` once, and each batch is one `index_select` per tensor with indices from one
+    `randperm` per epoch (or a slice, without shuffling), instead of gathering samples one by
+    one in Python and stacking them. The shuffle order is drawn on the CPU (from `generator`,
+    else the global generator), so a seed gives the same batches on every device.
+
+    Without shuffling, batches are views of the tensors (as the tutorial's
+    `x_train[start_i:end_i]`): changing a batch in place changes the data.
+
+    Args:
+        *tensors: Tensors of the same length (first dimension), e.g. `x_train, y_train`.
+        batch_size: Samples per batch, at least 1.
+        shuffle: A new random order each epoch.
+        device: Where the tensors are kept; by default where they already are (they must
+            then all be on one device).
+        generator: The random generator for the shuffle order (a CPU or `device` generator).
+        drop_last: Leave out the last batch when it is smaller than `batch_size`.
+
+    Attributes:
+        tensors: The tensors, on `device`.
+
+    Raises:
+        ValueError: no tensors, tensors of different lengths or on different devices (without
+            `device`), a 0-dim tensor, or a `batch_size` that is not a positive integer.
+        TypeError: an argument in `*tensors` that is not a tensor.
+
+    Example:
+        >>> x, y = torch.arange(10.0).view(5, 2), torch.arange(5)
+        >>> dl = TensorDataLoader(x, y, batch_size=2, shuffle=True)
+        >>> len(dl), sorted(int(i) for _, yb in dl for i in yb)
+        (3, [0, 1, 2, 3, 4])
+    """
+
+    def __init__(
+        self,
+        *tensors: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if not tensors:
+            raise ValueError("TensorDataLoader: give at least one tensor, e.g. (x_train, y_train)")
+        for i, t in enumerate(tensors):
+            if not isinstance(t, Tensor):
+                raise TypeError(
+                    f"TensorDataLoader(*tensors): argument {i} is a {type(t).__name__}, "
+                    "not a tensor"
+                )
+            if t.ndim == 0:
+                raise ValueError(f"TensorDataLoader(*tensors): argument {i} is a 0-dim tensor")
+        if len({len(t) for t in tensors}) > 1:
+            shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+            raise ValueError(
+                f"TensorDataLoader(*tensors): the tensors differ in length (shapes {shapes})"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(
+                f"TensorDataLoader(batch_size=...): must be a positive integer, got {batch_size!r}"
+            )
+        if device is None:
+            devices = {t.device for t in tensors}
+            if len(devices) > 1:
+                raise ValueError(
+                    f"TensorDataLoader: the tensors are on different devices "
+                    f"({sorted(map(str, devices))}); pass device=..."
+                )
+            device = tensors[0].device
+        self.device = _canonical(torch.device(device))
+        self.tensors = tuple(t.to(self.device) for t in tensors)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.drop_last = drop_last
+
+    def __len__(self) -> int:
+        n, bs = len(self.tensors[0]), self.batch_size
+        return n // bs if self.drop_last else -(-n // bs)
+
+    @property
+    def dataset(self) -> TensorDataset:
+        """The tensors as a `TensorDataset` (so `len(dl.dataset)` is the number of samples)."""
+        return TensorDataset(*self.tensors)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        tensors, bs = self.tensors, self.batch_size
+        stop = len(self) * bs
+        if not self.shuffle:
+            for start in range(0, stop, bs):
+                yield tuple(t[start : start + bs] for t in tensors)
+            return
+        gen = self.generator
+        order = torch.randperm(
+            len(tensors[0]), generator=gen, device=gen.device if gen is not None else "cpu"
+        ).to(self.device)
+        for start in range(0, stop, bs):
+            idx = order[start : start + bs]
+            yield tuple(t.index_select(0, idx) for t in tensors)
 
 
 def to_device(batch: T, device: torch.device | str, *, non_blocking: bool = False) -> T:
@@ -125,15 +316,22 @@ def to_device(batch: T, device: torch.device | str, *, non_blocking: bool = Fals
 
 
 def _to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
+    return _map_tensors(
+        obj, lambda t: t if t.device == device else t.to(device, non_blocking=non_blocking)
+    )
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """`obj` with `fn` applied to every tensor in it, containers rebuilt with the same type."""
     if isinstance(obj, Tensor):
-        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
+        return fn(obj)
     if isinstance(obj, tuple):
-        items = [_to_device(o, device, non_blocking) for o in obj]
+        items = [_map_tensors(o, fn) for o in obj]
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     if isinstance(obj, list):
-        return [_to_device(o, device, non_blocking) for o in obj]
+        return [_map_tensors(o, fn) for o in obj]
     if isinstance(obj, Mapping):
-        return {k: _to_device(v, device, non_blocking) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
 
 
@@ -237,3 +435,12 @@ def set_epoch(dl: object, epoch: int) -> None:
         dl = getattr(dl, "dl", None)
         if dl is None:
             return
+
+
+def _forward(dl: object, name: str, owner: str) -> Any:
+    try:
+        return getattr(dl, name)
+    except AttributeError:
+        raise AttributeError(
+            f"{owner}.{name}: the wrapped loader ({type(dl).__name__}) has no {name!r}"
+        ) from None

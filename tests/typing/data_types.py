@@ -1,0 +1,32 @@
+"""What a user's editor sees of the data parts: checked by mypy, never run by pytest."""
+
+from __future__ import annotations
+
+from typing import Any, assert_type
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+from trainkit.data import DeviceDataLoader, TensorDataLoader, WrappedDataLoader
+from trainkit.datasets import CustomImageDataset, DatasetError
+from trainkit.transforms import OneHot, one_hot
+
+x, y = torch.randn(8, 4), torch.zeros(8, dtype=torch.long)
+
+in_memory = TensorDataLoader(x, y, batch_size=4, shuffle=True, device="cpu")
+for xb, yb in in_memory:
+    assert_type((xb, yb), tuple[Tensor, Tensor])
+assert_type(in_memory.dataset, TensorDataset)
+
+on_device = DeviceDataLoader(DataLoader(TensorDataset(x, y), batch_size=4), "cpu", prefetch=False)
+assert_type(on_device.sampler, Any)
+assert_type(WrappedDataLoader(on_device, lambda xb, yb: xb).dataset, Any)
+
+ds = CustomImageDataset("labels.csv", "images", target_transform=OneHot(10), mode="rgb")
+assert_type(ds[0], tuple[Any, Any])
+assert_type(ds.classes, list[str] | None)
+assert_type(ds.targets, list[int])
+assert_type(OneHot(10)(3), Tensor)
+assert_type(one_hot(y, 10, dtype=torch.float16), Tensor)
+assert_type(DatasetError("bad").problems, tuple[str, ...])
