@@ -7,7 +7,9 @@ from typing import Any, Final, Generic, TypedDict, TypeVar, Unpack, cast
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+from trainkit.distributed import ShardSampler, is_distributed
 
 __all__ = [
     "DeviceDataLoader",
@@ -375,6 +377,11 @@ def get_data(
 ) -> tuple[DataLoader[T], DataLoader[T]]:
     """Build the tutorial's loaders: shuffled training batches of `bs`, validation of `2 * bs`.
 
+    Under a process group (`trainkit.distributed.init()`), the training loader draws from a
+    `DistributedSampler` (each process a different shuffled shard of equal length) and the
+    validation loader from a `ShardSampler` (every sample on exactly one process, none
+    repeated), so `fit`'s reduced figures cover the validation set exactly once.
+
     Args:
         train_ds: Training dataset.
         valid_ds: Validation dataset (not shuffled; batches twice as large since no gradients
@@ -399,6 +406,15 @@ def get_data(
     """
     if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
         raise ValueError(f"get_data(bs=...): bs must be a positive integer, got {bs!r}")
+    if is_distributed():  # each process its own shard; fit calls set_epoch every epoch
+        return (
+            DataLoader(
+                train_ds, batch_size=bs, sampler=DistributedSampler(train_ds), **loader_kwargs
+            ),
+            DataLoader(
+                valid_ds, batch_size=bs * 2, sampler=ShardSampler(valid_ds), **loader_kwargs
+            ),
+        )
     return (
         DataLoader(train_ds, batch_size=bs, shuffle=True, **loader_kwargs),
         DataLoader(valid_ds, batch_size=bs * 2, **loader_kwargs),

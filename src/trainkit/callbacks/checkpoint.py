@@ -12,6 +12,7 @@ import torch
 
 from trainkit.callbacks.base import Callback
 from trainkit.checkpoint import save_run
+from trainkit.distributed import is_main_process
 from trainkit.state import TrainState
 
 __all__ = ["ModelCheckpoint"]
@@ -89,6 +90,8 @@ class ModelCheckpoint(Callback):
         return self.dirpath / "last.ckpt"
 
     def on_fit_start(self, state: TrainState) -> None:
+        if not is_main_process():  # under a process group only rank 0 writes
+            return
         self.dirpath.mkdir(parents=True, exist_ok=True)
         for stale in self.dirpath.glob(".*.ckpt.*.tmp"):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
@@ -130,10 +133,13 @@ class ModelCheckpoint(Callback):
             return
         self.best = sorted([*(b for b in self.best if b[1] != name), (score, name)])
         for _, dropped in self.best[self.save_top_k :]:
-            (self.dirpath / dropped).unlink(missing_ok=True)  # only now that the new one is safe
+            if is_main_process():  # only now that the new one is safe
+                (self.dirpath / dropped).unlink(missing_ok=True)
         self.best = self.best[: self.save_top_k]
 
     def _write(self, path: Path, state: TrainState, *, epoch_complete: bool) -> bool:
+        if not is_main_process():
+            return True  # rank 0 writes the same file; the others keep the same bookkeeping
         params = [p.detach() for p in state.model.parameters()]
         if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
             print(f"ModelCheckpoint: weights not finite; {path} not written", file=sys.stderr)

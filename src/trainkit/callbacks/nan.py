@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from trainkit.callbacks.base import Callback, StopTraining
+from trainkit.distributed import all_reduce_flag, is_distributed
 from trainkit.state import TrainState
 
 __all__ = ["TerminateOnNaN"]
@@ -45,10 +46,15 @@ class TerminateOnNaN(Callback):
         self._losses: list[Tensor] = []
         self._first_step = 0
         self._next_check = 0.0
+        self._distributed = False
 
     def on_epoch_start(self, state: TrainState) -> None:
         self._losses, self._first_step = [], 0
         self._next_check = time.perf_counter() + self.check_seconds
+
+    def on_fit_start(self, state: TrainState) -> None:
+        # under a process group, check only where every rank is (the epoch end), all together
+        self._distributed = is_distributed()
 
     def on_train_batch_end(self, state: TrainState) -> None:
         if state.loss is None:
@@ -57,7 +63,7 @@ class TerminateOnNaN(Callback):
             self._first_step = state.step
         self._losses.append(state.loss)
         now = time.perf_counter()
-        if now >= self._next_check:
+        if now >= self._next_check and not self._distributed:
             self._next_check = now + self.check_seconds
             self._check(state)
 
@@ -70,7 +76,12 @@ class TerminateOnNaN(Callback):
         bad = ~torch.isfinite(torch.stack(self._losses))
         first = self._first_step
         self._losses = []
-        if bad.any():  # the read-back: once per check, not per step
+        if all_reduce_flag(bool(bad.any())):  # the read-back: once per check, not per step
+            if not bad.any():
+                raise StopTraining(
+                    f"TerminateOnNaN: the training loss was not finite on another process in "
+                    f"epoch {state.epoch}"
+                )
             step = first + int(bad.nonzero()[0, 0])
             raise StopTraining(
                 f"TerminateOnNaN: the training loss was not finite at epoch {state.epoch} "

@@ -10,6 +10,7 @@ from typing import IO, Any
 from tqdm.auto import tqdm
 
 from trainkit.callbacks.base import Callback
+from trainkit.distributed import is_main_process
 from trainkit.state import TrainState
 
 __all__ = ["ProgressBar"]
@@ -49,11 +50,15 @@ class ProgressBar(Callback):
         self.refresh_seconds = refresh_seconds
         self.file = file
         self._bar: tqdm[Any] | None = None
+        self._silent = False
         self._pending = 0
         self._next_refresh = 0.0
 
     def on_fit_start(self, state: TrainState) -> None:
-        self._use_bar = self.force_bar or sys.stderr.isatty() or "ipykernel" in sys.modules
+        self._silent = not is_main_process()  # under a process group only rank 0 prints
+        self._use_bar = not self._silent and (
+            self.force_bar or sys.stderr.isatty() or "ipykernel" in sys.modules
+        )
 
     def on_epoch_start(self, state: TrainState) -> None:
         if self._use_bar:
@@ -82,11 +87,12 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, state: TrainState) -> None:
         self._close()
-        print(_epoch_line(state), file=self.file or sys.stdout, flush=True)
+        if not self._silent:
+            print(_epoch_line(state), file=self.file or sys.stdout, flush=True)
 
     def on_fit_end(self, state: TrainState) -> None:
         self._close()
-        if state.status == "stopped":
+        if state.status == "stopped" and not self._silent:
             print(f"stopped: {state.stop_reason}", file=self.file or sys.stdout, flush=True)
 
     def _close(self) -> None:
