@@ -20,13 +20,14 @@ import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
+from common import interleaved
+from models import MnistCNN
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -34,24 +35,6 @@ from trainkit import DeviceDataLoader, WrappedDataLoader, fashion_mnist
 from trainkit.data import TensorDataLoader
 
 BATCH_SIZE = 64  # the tutorials' batch size
-
-
-class Mnist_CNN(nn.Module):  # noqa: N801 - the tutorial's name
-    """The CNN of "What is torch.nn really?": three stride-2 convolutions, average pooling."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, kernel_size=3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(16, 10, kernel_size=3, stride=2, padding=1)
-
-    def forward(self, xb: Tensor) -> Tensor:
-        xb = xb.view(-1, 1, 28, 28)
-        xb = F.relu(self.conv1(xb))
-        xb = F.relu(self.conv2(xb))
-        xb = F.relu(self.conv3(xb))
-        xb = F.avg_pool2d(xb, 4)
-        return xb.view(-1, xb.size(1))
 
 
 def load_data() -> tuple[Tensor, Tensor, str]:
@@ -97,19 +80,6 @@ def train(
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure(variants: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
-    for epoch in variants.values():  # warm-up: allocator, worker-free first iteration, cuDNN
-        epoch()
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for rep in range(reps):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 def table(times: dict[str, list[float]]) -> str:
@@ -169,7 +139,7 @@ def gpu_variants(x: Tensor, y: Tensor, workload: str) -> dict[str, Callable[[], 
     if workload == "iterate":
         return {name: iterate(dl, dev) for name, dl in loaders.items()}
     torch.manual_seed(0)
-    return {name: train(dl, Mnist_CNN().to(dev), 0.1, dev) for name, dl in loaders.items()}
+    return {name: train(dl, MnistCNN().to(dev), 0.1, dev) for name, dl in loaders.items()}
 
 
 def machine() -> str:
@@ -224,7 +194,7 @@ def main(argv: list[str] | None = None) -> str:
         ]
     for title, variants, workload in workloads:
         print(f"running: {title}", file=sys.stderr, flush=True)
-        parts += [f"## {title}", "", table(measure(variants(x, y, workload), args.reps)), ""]
+        parts += [f"## {title}", "", table(interleaved(variants(x, y, workload), args.reps)), ""]
     if not torch.cuda.is_available():
         parts += [
             "## GPU",
