@@ -11,12 +11,18 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# The demo saves a plot of its run: matplotlib, the `plot` extra.
+$(VENV)/.demo: $(VENV)/.base
+	$(PY) -m pip install --quiet -e '.[plot]'
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job: the Quickstart model trained with fit on the real FashionMNIST.
-demo: $(VENV)/.base data
+# The main job: the Quickstart model trained with fit on the real FashionMNIST; the weights, the
+# per-epoch CSV and the plot of the run go to runs/quickstart/.
+demo: $(VENV)/.demo data
 	$(PY) examples/quickstart.py
 
 # Real data offline: when no copy is found and this is Debian as root, install the dataset package.

@@ -7,9 +7,11 @@ Example:
 from trainkit.callbacks import (
     HOOKS,
     Callback,
+    CSVLogger,
     EarlyStopping,
     ProgressBar,
     StopTraining,
+    TensorBoardLogger,
     show_training_loop,
 )
 from trainkit.data import (
@@ -42,6 +44,7 @@ __all__ = [
     "HOOKS",
     "Accuracy",
     "BatchMetric",
+    "CSVLogger",
     "Callback",
     "ConfusionMatrix",
     "DeviceDataLoader",
@@ -57,6 +60,7 @@ __all__ = [
     "ProgressBar",
     "Status",
     "StopTraining",
+    "TensorBoardLogger",
     "TrainState",
     "WrappedDataLoader",
     "__version__",
