@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Material for MkDocs prints a banner about MkDocs 2 on every build; the build itself is unchanged.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint typecheck unit data clean
+.PHONY: demo test docs lint typecheck unit data clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,11 +35,23 @@ data: $(VENV)/.base
 	    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
 	  else echo "no FashionMNIST found; the demo will try to download it"; fi; }
 
-test: $(VENV)/.dev
+lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The library, the tests, the examples and tests/typing/ (user-style assert_type snippets).
+typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy --strict
+
+# Unit tests and doctests, plus tests/test_docs.py (builds the site with `mkdocs build --strict`).
+unit: $(VENV)/.dev
 	$(PY) -m pytest -q
 
+test: lint typecheck unit
+
+# The documentation site, into site/ (open site/index.html); fails on any broken reference.
+docs: $(VENV)/.dev
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site dist
