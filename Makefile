@@ -43,7 +43,9 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy --strict
 
-# Unit tests and doctests, plus tests/test_docs.py (builds the site with `mkdocs build --strict`).
+# Unit tests and doctests, plus tests/test_docs.py (builds the site with `mkdocs build --strict`)
+# and tests/test_packaging.py (builds the wheel, installs it into a fresh venv, type-checks
+# tests/typing/ against it).
 unit: $(VENV)/.dev
 	$(PY) -m pytest -q
 
