@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# Material for MkDocs prints a banner about MkDocs 2 on every build; the build itself is unchanged.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test lint typecheck unit data clean
+.PHONY: demo test docs lint typecheck unit data clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -11,12 +13,18 @@ $(VENV)/.base: pyproject.toml
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
+# The demo saves a plot of its run: matplotlib, the `plot` extra.
+$(VENV)/.demo: $(VENV)/.base
+	$(PY) -m pip install --quiet -e '.[plot]'
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.base
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# The main job: the Quickstart model trained with fit on the real FashionMNIST.
-demo: $(VENV)/.base data
+# The main job: the Quickstart model trained with fit on the real FashionMNIST; the weights, the
+# per-epoch CSV and the plot of the run go to runs/quickstart/.
+demo: $(VENV)/.demo data
 	$(PY) examples/quickstart.py
 
 # Real data offline: when no copy is found and this is Debian as root, install the dataset package.
@@ -27,11 +35,25 @@ data: $(VENV)/.base
 	    { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }; \
 	  else echo "no FashionMNIST found; the demo will try to download it"; fi; }
 
-test: $(VENV)/.dev
+lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The library, the tests, the examples and tests/typing/ (user-style assert_type snippets).
+typecheck: $(VENV)/.dev
 	$(VENV)/bin/mypy --strict
+
+# Unit tests and doctests, plus tests/test_docs.py (builds the site with `mkdocs build --strict`)
+# and tests/test_packaging.py (builds the wheel, installs it into a fresh venv, type-checks
+# tests/typing/ against it).
+unit: $(VENV)/.dev
 	$(PY) -m pytest -q
 
+test: lint typecheck unit
+
+# The documentation site, into site/ (open site/index.html); fails on any broken reference.
+docs: $(VENV)/.dev
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache site dist

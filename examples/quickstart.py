@@ -5,7 +5,9 @@
 Same model, loss, optimizer and learning rate as the Quickstart; its plain-PyTorch loop reaches
 about 71% test accuracy after 10 epochs. Checkpoints go to `runs/quickstart/checkpoints` every
 200 steps and every epoch: interrupt the run (Ctrl-C) and start it again to resume where it
-stopped (`--fresh` starts over). The trained weights are saved under `runs/quickstart`.
+stopped (`--fresh` starts over). Also saved under `runs/quickstart/`: the trained weights,
+the per-epoch figures as CSV (`CSVLogger`) and their curves as a PNG (`History.plot`; needs
+matplotlib, `pip install 'trainkit[plot]'`, else the plot is skipped with a note).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.utils.data import Subset
 from torchvision.transforms import ToTensor
 
 from trainkit import (
+    CSVLogger,
     ModelCheckpoint,
     accuracy,
     evaluate,
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     parser.add_argument("--data", default=None, help="folder holding FashionMNIST")
-    parser.add_argument("--out", default="runs/quickstart", help="where the weights are saved")
+    parser.add_argument("--out", default="runs/quickstart", help="where the results are saved")
     parser.add_argument("--smoke", action="store_true", help="a few batches of the real data")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints")
     args = parser.parse_args(argv)
@@ -83,14 +86,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     resume = None if args.fresh or not checkpoints.last_path.is_file() else checkpoints.dirpath
     if resume is not None:
         print(f"Resuming from {checkpoints.last_path} (--fresh to start over)")
+    callbacks = [checkpoints, CSVLogger(out / "history.csv")]
     history = fit(args.epochs, model, loss_fn, opt, train_dl, test_dl, metrics=[accuracy],
-                  callbacks=[checkpoints], resume=resume)  # fmt: skip
+                  callbacks=callbacks, resume=resume)  # fmt: skip
     final = evaluate(model, loss_fn, test_dl, [accuracy])
     print(f"Test accuracy: {100 * final['accuracy']:.1f}%, avg loss: {final['loss']:.4f}")
 
     save_weights(out / "model_weights.pth", model)
     print(f"Weights saved to {out / 'model_weights.pth'}")
     print(history)
+    print(f"Per-epoch figures saved to {out / 'history.csv'}")
+    title = (
+        f"Quickstart MLP on FashionMNIST, validated on the test set "
+        f"(lr {args.lr}, batch {args.batch_size}, {device})"
+    )
+    try:
+        history.plot(out / "history.png", title=title)
+    except ModuleNotFoundError as err:
+        print(f"No plot: {err}")
+    else:
+        print(f"Plot saved to {out / 'history.png'}")
     return final
 
 

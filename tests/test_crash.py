@@ -18,7 +18,7 @@ from torch import nn
 from trainkit import load_checkpoint, load_weights
 
 CHILD = Path(__file__).with_name("resume_child.py")
-EPOCHS = 2  # 25 steps each
+EPOCHS = 4  # 25 steps each
 
 
 def model() -> nn.Sequential:
@@ -74,7 +74,7 @@ def test_sigkill_at_random_moments_loses_only_unsaved_steps(
     for _ in range(5):
         child = start(tmp_path, every_n_steps=1)  # a checkpoint write after every step
         wait_for_step(child, 1)
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(rng.uniform(0.0, 0.3))
         child.send_signal(signal.SIGKILL)
         child.wait()
         kills += child.returncode == -signal.SIGKILL

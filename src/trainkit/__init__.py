@@ -7,10 +7,12 @@ Example:
 from trainkit.callbacks import (
     HOOKS,
     Callback,
+    CSVLogger,
     EarlyStopping,
     ModelCheckpoint,
     ProgressBar,
     StopTraining,
+    TensorBoardLogger,
     TerminateOnNaN,
     show_training_loop,
 )
@@ -59,6 +61,7 @@ __all__ = [
     "Accuracy",
     "Amp",
     "BatchMetric",
+    "CSVLogger",
     "Callback",
     "Checkpoint",
     "CheckpointError",
@@ -83,6 +86,7 @@ __all__ = [
     "Stateful",
     "Status",
     "StopTraining",
+    "TensorBoardLogger",
     "TensorDataLoader",
     "TerminateOnNaN",
     "TrainState",

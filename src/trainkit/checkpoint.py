@@ -221,7 +221,9 @@ def save_checkpoint(
     Args:
         path: The file to write; its directory must exist.
         model: The model (a `DistributedDataParallel` or compiled wrapper is unwrapped).
-        optimizer, scheduler, scaler: Their `state_dict()`s are saved when given.
+        optimizer: Its `state_dict()` is saved when given.
+        scheduler: Its `state_dict()` is saved when given.
+        scaler: The `GradScaler`'s `state_dict()` is saved when given.
         epoch: The epoch (counted from 0).
         step: Training batches completed in that epoch.
         **extra: Further values: tensors, numbers, strings, and lists / tuples / dicts of them
@@ -262,7 +264,9 @@ def load_checkpoint(
         path: A file written by `save_checkpoint` or `ModelCheckpoint`.
         model: Restored from the checkpoint (a wrapper is unwrapped; a `module.` prefix written
             by `DistributedDataParallel` is handled).
-        optimizer, scheduler, scaler: Restored when given; an error if the checkpoint has none.
+        optimizer: Restored when given; an error if the checkpoint has none.
+        scheduler: Restored when given; an error if the checkpoint has none.
+        scaler: Restored when given; an error if the checkpoint has none.
         map_location: Where to put the tensors while loading (default: where they were saved).
         strict: Refuse missing or unexpected model keys.
 

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+if TYPE_CHECKING:  # matplotlib is optional (`trainkit[plot]`); only History.plot imports it
+    from matplotlib.figure import Figure
+
 __all__ = ["History", "Status", "TrainState"]
 
 Status = Literal["running", "completed", "stopped", "failed"]
+"""How a run stands: `"running"` during `fit`; in `on_fit_end`, `"completed"` (every epoch ran),
+`"stopped"` (a hook raised `StopTraining`) or `"failed"` (an exception propagates)."""
 
 
 class History:
@@ -39,7 +47,18 @@ class History:
         self._tensors: list[dict[str, Tensor]] = [{} for _ in self.records]
 
     def append(self, record: dict[str, float], tensors: dict[str, Tensor] | None = None) -> None:
-        """Add one epoch's record, and its tensor-valued metric results if any."""
+        """Add one epoch's record, and its tensor-valued metric results if any.
+
+        Args:
+            record: The epoch's figures by name (`fit` writes `epoch`, `train_loss`, ...).
+            tensors: The epoch's metric results with more than one element, by name.
+
+        Example:
+            >>> h = History()
+            >>> h.append({"epoch": 0, "train_loss": 0.9}, {"val_per_class": torch.ones(3)})
+            >>> len(h)
+            1
+        """
         self.records.append(record)
         self._tensors.append(dict(tensors or {}))
 
@@ -58,8 +77,20 @@ class History:
     def tensors(self, name: str) -> list[Tensor]:
         """The tensor-valued results recorded under `name`, one per epoch.
 
+        Args:
+            name: A name given to `append`'s `tensors`, such as `"val_per_class_accuracy"`.
+
+        Returns:
+            One tensor per epoch that recorded `name`, in order.
+
         Raises:
             KeyError: no epoch recorded `name`; the message lists the tensor names that exist.
+
+        Example:
+            >>> h = History()
+            >>> h.append({"epoch": 0}, {"val_per_class": torch.tensor([0.5, 1.0])})
+            >>> h.tensors("val_per_class")
+            [tensor([0.5000, 1.0000])]
         """
         found = [t[name] for t in self._tensors if name in t]
         if not found:
@@ -90,8 +121,111 @@ class History:
         return [r[key] for r in self.records if key in r]
 
     def keys(self) -> list[str]:
-        """Recorded names, in first-seen order."""
+        """Recorded names, in first-seen order.
+
+        Returns:
+            Every name any record holds, each once.
+
+        Example:
+            >>> History([{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "val_loss": 0.5}]).keys()
+            ['epoch', 'train_loss', 'val_loss']
+        """
         return list(dict.fromkeys(k for r in self.records for k in r))
+
+    def plot(
+        self, path: str | os.PathLike[str] | None = None, *, title: str | None = None
+    ) -> Figure:
+        """Draw the loss and metric curves per epoch; save them as a PNG when `path` is given.
+
+        One panel per figure: `loss` first, then each metric in the order recorded. Training
+        and validation values of the same figure share a panel (`train_loss` and `val_loss` on
+        the `loss` panel), each a line with a point per epoch, in the same colours in every
+        panel. The x axis counts epochs from 1, as the progress lines do. `lr` and `seconds`
+        are not drawn; tensor-valued results (`History.tensors`) neither.
+
+        Needs matplotlib, an optional dependency: `pip install 'trainkit[plot]'`. The figure is
+        made without `pyplot`, so it works without a display and leaves no window open; in a
+        notebook the returned figure shows as the cell's result.
+
+        Args:
+            path: Where to write the PNG (a name ending in `.png`); missing parent folders are
+                created. `None` saves nothing.
+            title: The figure's title; by default `"Training history (N epochs)"`.
+
+        Returns:
+            The matplotlib `Figure`, 5.5 x 4 inches per panel at 100 dpi (550 x 400 pixels),
+            up to three panels per row.
+
+        Raises:
+            ImportError: matplotlib is not installed (the message says how to install it).
+            ValueError: the history has no epochs, or no figure to draw (only `epoch`, `lr`,
+                `seconds`); `path` does not end in `.png`.
+            OSError: `path` cannot be written (the message names it).
+
+        Example:
+            >>> h = History([{"epoch": 0, "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.6},
+            ...              {"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.7}])
+            >>> fig = h.plot()  # h.plot("runs/history.png") also writes the PNG
+            >>> [ax.get_title() for ax in fig.axes]
+            ['loss', 'accuracy']
+        """
+        if path is not None and Path(path).suffix.lower() != ".png":
+            raise ValueError(
+                f"History.plot(path=...): the plot is written as PNG; give a name ending in "
+                f"'.png', got {os.fspath(path)!r}"
+            )
+        panels = self._panels()
+        _require_matplotlib()
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+
+        ncols = min(len(panels), _PANELS_PER_ROW)
+        nrows = math.ceil(len(panels) / ncols)
+        fig = Figure(
+            figsize=(_PANEL_INCHES[0] * ncols, _PANEL_INCHES[1] * nrows),
+            dpi=_DPI,
+            layout="constrained",
+        )
+        axes = fig.subplots(nrows, ncols, squeeze=False).flatten()
+        for ax, (name, series) in zip(axes, panels.items(), strict=False):
+            for label, (xs, ys) in series.items():
+                color = _COLORS.get(label)
+                ax.plot(xs, ys, marker="o", markersize=4, label=label, color=color)
+            ax.set_title(name)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(name)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
+        n = len(self)
+        fig.suptitle(title if title is not None else f"Training history ({n} epochs)")
+        if path is not None:
+            _save_png(fig, path)
+        return fig
+
+    def _panels(self) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+        """`{panel: {line label: (epochs, values)}}`, loss first, then in first-seen order."""
+        if not self.records:
+            raise ValueError("History.plot: the history has no epochs; there is nothing to plot")
+        panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+        for i, record in enumerate(self.records):
+            x = float(record.get("epoch", i)) + 1
+            for key, value in record.items():
+                if key in _NOT_PLOTTED:
+                    continue
+                name, label = _panel_and_label(key)
+                xs, ys = panels.setdefault(name, {}).setdefault(label, ([], []))
+                xs.append(x)
+                ys.append(float(value))
+        if not panels:
+            raise ValueError(
+                f"History.plot: no loss or metric to plot; the history records {self.keys()}"
+            )
+        if "loss" in panels:
+            panels = {"loss": panels.pop("loss"), **panels}
+        return panels
 
     def __repr__(self) -> str:
         return f"History({len(self)} epochs: {', '.join(self.keys())})"
@@ -106,6 +240,44 @@ class History:
         lines = ["  ".join(k.rjust(w) for k, w in zip(keys, widths, strict=True))]
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
         return "\n".join(lines)
+
+
+_NOT_PLOTTED = frozenset({"epoch", "lr", "seconds"})
+_ROLES = (("train_", "train"), ("val_", "validation"))
+_COLORS = {"train": "tab:blue", "validation": "tab:orange"}
+_PANELS_PER_ROW = 3
+_PANEL_INCHES = (5.5, 4.0)
+_DPI = 100
+
+
+def _panel_and_label(key: str) -> tuple[str, str]:
+    """`"val_accuracy"` -> `("accuracy", "validation")`; an unprefixed name is its own panel."""
+    for prefix, role in _ROLES:
+        if key.startswith(prefix):
+            return key.removeprefix(prefix), role
+    return key, key
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401 - only checks that it is installed
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "History.plot needs matplotlib, an optional dependency of trainkit: "
+            "pip install 'trainkit[plot]' (or pip install matplotlib)",
+            name="matplotlib",
+        ) from err
+
+
+def _save_png(fig: Figure, path: str | os.PathLike[str]) -> None:
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, format="png", dpi=_DPI)
+    except OSError as err:
+        raise OSError(
+            err.errno, f"History.plot(path=...) cannot write the plot ({err.strerror})", str(target)
+        ) from err
 
 
 def _fmt(value: float | None) -> str:
