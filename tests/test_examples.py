@@ -17,10 +17,10 @@ import pytest
 import torch
 from numpy.typing import NDArray
 from torch import nn
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset
 from torchvision.transforms import ToTensor
 
-from trainkit import accuracy, evaluate, fashion_mnist
+from trainkit import accuracy, evaluate, fashion_mnist, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,10 +53,47 @@ def test_quickstart_smoke_trains_and_saves_weights(
     assert re.search(r"epoch 2/2  train_loss [\d.]+  val_loss [\d.]+  val_accuracy [\d.]+", out)
     assert final["accuracy"] > 0.4  # well above chance (0.1) after 16 steps on real images
     assert (tmp_path / "model_weights.pth").stat().st_size > 2_000_000  # 669,706 float32 weights
+    # the exported PNG files, read back with one-hot targets, score what the same images score
+    # when read from the data set with class indices
+    assert (tmp_path / "images" / "labels.csv").read_text().count("\n") == 64
+    model = load_weights(tmp_path / "model_weights.pth", quickstart.NeuralNetwork())
+    same_images = Subset(fashion_mnist(train=False, transform=ToTensor()), range(64))
+    direct = evaluate(model, nn.CrossEntropyLoss(), DataLoader(same_images, 64), [accuracy])
+    assert final["files_accuracy"] == direct["accuracy"]
+    assert final["files_loss"] == pytest.approx(direct["loss"], rel=1e-5)
+    assert re.search(r'Predicted: "[\w -]+", Actual: "[\w -]+"', out)
+    assert "load_weights refuses it" in out and "unsafe_load_pickled_model(" in out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "matplotlib is not installed" in out
     # run again with one more epoch: it resumes from the checkpoints and trains only that one
     quickstart.main(["--smoke", "--epochs", "3", "--lr", "0.1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "Resuming from" in out and "epoch 3/3" in out and "epoch 2/3" not in out
+
+
+@pytest.mark.usefixtures("real_data")
+def test_quickstart_no_shuffle_is_the_documents_loop(tmp_path: Path) -> None:
+    """With --no-shuffle, fit computes what the Quickstart's own train_loop computes."""
+    quickstart = load_example("quickstart")
+    args = ["--smoke", "--no-shuffle", "--epochs", "1", "--lr", "0.1", "--device", "cpu"]
+    final = quickstart.main([*args, "--out", str(tmp_path)])
+
+    train = Subset(fashion_mnist(train=True, transform=ToTensor()), range(512))
+    test = Subset(fashion_mnist(train=False, transform=ToTensor()), range(256))
+    torch.manual_seed(0)  # the document's loop, seeded as the reference run is
+    model = quickstart.NeuralNetwork()
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in DataLoader(train, batch_size=64):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        torch.autograd.backward(loss)
+        optimizer.step()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in DataLoader(test, 64))
+    assert final["accuracy"] == correct / 256
 
 
 @pytest.mark.usefixtures("real_data")
