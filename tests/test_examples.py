@@ -96,6 +96,27 @@ def test_quickstart_no_shuffle_is_the_documents_loop(tmp_path: Path) -> None:
     assert final["accuracy"] == correct / 256
 
 
+def test_quickstart_vgg16_weights_round_trip(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--vgg16's steps, with a small stand-in for VGG16 (whose weights file is 528 MB)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached ImageNet weights
+    quickstart = load_example("quickstart")
+    made: list[nn.Sequential] = []
+
+    def vgg16(weights: object = None) -> nn.Sequential:
+        assert weights is None
+        made.append(nn.Sequential(nn.Linear(4, 3), nn.Dropout()))
+        return made[-1]
+
+    monkeypatch.setattr(quickstart.models, "vgg16", vgg16)
+    quickstart.vgg16_weights(tmp_path / "vgg16_weights.pth")
+    saved, loaded = made
+    assert torch.equal(saved.state_dict()["0.weight"], loaded.state_dict()["0.weight"])
+    assert not loaded.training  # eval() before inference
+    assert "so weights=None" in capsys.readouterr().out
+
+
 @pytest.mark.usefixtures("real_data")
 def test_nn_tutorial_smoke_runs_every_stage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
