@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import os
+import pickle
 import re
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+import torch
+from numpy.typing import NDArray
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from torchvision.transforms import ToTensor
 
-from trainkit import fashion_mnist
+from trainkit import accuracy, evaluate, fashion_mnist, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,6 +29,7 @@ def load_example(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so that pickle finds the example's classes by name
     spec.loader.exec_module(module)
     return module
 
@@ -43,6 +53,20 @@ def test_quickstart_smoke_trains_and_saves_weights(
     assert re.search(r"epoch 2/2  train_loss [\d.]+  val_loss [\d.]+  val_accuracy [\d.]+", out)
     assert final["accuracy"] > 0.4  # well above chance (0.1) after 16 steps on real images
     assert (tmp_path / "model_weights.pth").stat().st_size > 2_000_000  # 669,706 float32 weights
+    # the exported PNG files, read back with one-hot targets, score what the same images score
+    # when read from the data set with class indices
+    assert (tmp_path / "images" / "labels.csv").read_text().count("\n") == 64
+    model = load_weights(tmp_path / "model_weights.pth", quickstart.NeuralNetwork())
+    same_images = Subset(fashion_mnist(train=False, transform=ToTensor()), range(64))
+    direct = evaluate(model, nn.CrossEntropyLoss(), DataLoader(same_images, 64), [accuracy])
+    assert final["files_accuracy"] == direct["accuracy"]
+    assert final["files_loss"] == pytest.approx(direct["loss"], rel=1e-5)
+    assert re.search(r'Predicted: "[\w -]+", Actual: "[\w -]+"', out)
+    assert "load_weights refuses it" in out and "unsafe_load_pickled_model(" in out
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "matplotlib is not installed" in out
     # run again with one more epoch: it resumes from the checkpoints and trains only that one
     quickstart.main(["--smoke", "--epochs", "3", "--lr", "0.1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
@@ -50,14 +74,164 @@ def test_quickstart_smoke_trains_and_saves_weights(
 
 
 @pytest.mark.usefixtures("real_data")
+def test_quickstart_no_shuffle_is_the_documents_loop(tmp_path: Path) -> None:
+    """With --no-shuffle, fit computes what the Quickstart's own train_loop computes."""
+    quickstart = load_example("quickstart")
+    args = ["--smoke", "--no-shuffle", "--epochs", "1", "--lr", "0.1", "--device", "cpu"]
+    final = quickstart.main([*args, "--out", str(tmp_path)])
+
+    train = Subset(fashion_mnist(train=True, transform=ToTensor()), range(512))
+    test = Subset(fashion_mnist(train=False, transform=ToTensor()), range(256))
+    torch.manual_seed(0)  # the document's loop, seeded as the reference run is
+    model = quickstart.NeuralNetwork()
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in DataLoader(train, batch_size=64):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        torch.autograd.backward(loss)
+        optimizer.step()
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in DataLoader(test, 64))
+    assert final["accuracy"] == correct / 256
+
+
+def test_quickstart_vgg16_weights_round_trip(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--vgg16's steps, with a small stand-in for VGG16 (whose weights file is 528 MB)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached ImageNet weights
+    quickstart = load_example("quickstart")
+    made: list[nn.Sequential] = []
+
+    def vgg16(weights: object = None) -> nn.Sequential:
+        assert weights is None
+        made.append(nn.Sequential(nn.Linear(4, 3), nn.Dropout()))
+        return made[-1]
+
+    monkeypatch.setattr(quickstart.models, "vgg16", vgg16)
+    quickstart.vgg16_weights(tmp_path / "vgg16_weights.pth")
+    saved, loaded = made
+    assert torch.equal(saved.state_dict()["0.weight"], loaded.state_dict()["0.weight"])
+    assert not loaded.training  # eval() before inference
+    assert "so weights=None" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("real_data")
+def test_nn_tutorial_smoke_runs_every_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./data/mnist here: FashionMNIST stands in
+    nn_tutorial = load_example("nn_tutorial")
+    results = nn_tutorial.main(["--smoke", "--offline", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "the real FashionMNIST stands in for MNIST" in out
+    assert list(results) == list(nn_tutorial.STAGES)
+    # a refactoring that keeps the computation keeps the figures (same seed, same batches)
+    for same in [
+        ("linear", "optim", "dataset", "dataloader"),
+        ("validation", "fit"),
+        ("cnn", "sequential"),
+        ("wrapped", "gpu"),
+    ]:
+        assert all(results[name] == results[same[0]] for name in same), same
+    # the same model with F.cross_entropy in place of log_softmax and nll: rounding differs
+    assert results["parameter"]["loss"] == pytest.approx(results["scratch"]["loss"], rel=1e-3)
+    assert results["scratch"]["accuracy"] > 0.3  # 8 steps of logistic regression, chance 0.1
+
+
+def write_mnist_pickle(path: Path, payload: object) -> None:
+    """Write `payload` as the tutorial's file is: gzip, pickle protocol 2, numpy 1's names."""
+    data = pickle.dumps(payload, protocol=2)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(gzip.compress(data.replace(b"numpy._core.", b"numpy.core.")))
+
+
+def test_nn_tutorial_reads_the_tutorials_mnist_pickle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> tuple[NDArray[np.float32], NDArray[np.int64]]:
+        return rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n, dtype=np.int64)
+
+    write_mnist_pickle(tmp_path / "mnist" / "mnist.pkl.gz", (split(128), split(64), split(64)))
+    nn_tutorial = load_example("nn_tutorial")
+    args = ["--smoke", "--offline", "--data", str(tmp_path), "--stage", "scratch", "fit"]
+    results = nn_tutorial.main(args)
+    out = capsys.readouterr().out
+    assert "Data: MNIST, the tutorial's" in out and "(128, 784) training images" in out
+    assert list(results) == ["scratch", "fit"]
+
+
+def test_nn_tutorial_refuses_a_pickle_that_would_run_code(tmp_path: Path) -> None:
+    write_mnist_pickle(tmp_path / "mnist" / "mnist.pkl.gz", os.system)
+    nn_tutorial = load_example("nn_tutorial")
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing to load (posix|nt)\.system"):
+        nn_tutorial.main(["--smoke", "--offline", "--data", str(tmp_path)])
+
+
+@pytest.mark.usefixtures("real_data")
+def test_lenet_smoke_walks_through_and_trains(capsys: pytest.CaptureFixture[str]) -> None:
+    lenet = load_example("lenet")
+    final = lenet.main(
+        ["--smoke", "--epochs", "2", "--batch-size", "16", "--lr", "0.05", "--device", "cpu"]
+    )
+    out = capsys.readouterr().out
+    assert "conv1.bias.grad before backward: None" in out
+    assert "ConvolutionBackward0 -> ReluBackward0 -> MaxPool2DWithIndicesBackward0" in out
+    assert "ReluBackward0 -> AddmmBackward0 -> MseLossBackward0" in out
+    assert "FashionMNIST (real data): 512 training, 256 test images" in out
+    assert final["accuracy"] > 0.2  # chance is 0.1
+    for net in (lenet.Net(), lenet.Net3x3()):
+        assert net(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_autograd_finetune_trains_fc_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached ImageNet weights: random init
+    finetune = load_example("autograd_finetune")
+    model, before, history = finetune.main(["--smoke", "--fake-data", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "FakeData" in out and len(history) == 1
+    params = dict(model.named_parameters())
+    assert set(params) == set(before) and len(params) == 62
+    for name, param in params.items():
+        if name.startswith("fc."):
+            assert param.requires_grad and not torch.equal(param, before[name]), name
+        else:  # frozen: bit for bit what it was
+            assert not param.requires_grad and torch.equal(param, before[name]), name
+    assert "frozen parameters unchanged, bit for bit: 60 of 60; fc changed: True" in out
+
+
+@pytest.mark.usefixtures("real_data")
+def test_autograd_finetune_smoke_on_real_images(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    finetune = load_example("autograd_finetune")
+    finetune.main(["--smoke", "--device", "cpu"])
+    assert "256 training, 128 test images, 32x32" in capsys.readouterr().out
+
+
+def test_cifar10_classifier_smoke_on_fake_data(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cifar10 = load_example("cifar10_classifier")
+    final = cifar10.main(["--smoke", "--fake-data", "--out", str(tmp_path), "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "NOT CIFAR-10" in out and "Accuracy of the network on the 32 test images" in out
+    assert len(re.findall(r"Accuracy of +\w+ : ", out)) == 10  # the per-class table
+    assert re.search(r"Predicted: ( +\w+){4}", out)
+    assert 0.0 <= final["accuracy"] <= 1.0
+    assert (tmp_path / "cifar_net.pth").is_file()
+
+
+@pytest.mark.usefixtures("real_data")
 def test_fit_on_real_fashion_mnist_learns() -> None:
     """The Quickstart MLP on 10,000 real training images: one epoch well above chance."""
-    import torch
-    from torch import nn
-    from torch.utils.data import Subset
-    from torchvision.transforms import ToTensor
-
-    from trainkit import accuracy, evaluate, fit, get_data
+    from trainkit import fit, get_data
 
     torch.manual_seed(0)
     train = Subset(fashion_mnist(train=True, transform=ToTensor()), range(10_000))
