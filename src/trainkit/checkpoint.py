@@ -15,7 +15,7 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ FORMAT_VERSION = 1
 """The checkpoint format this trainkit writes and the newest it reads."""
 
 _FORMAT = "trainkit.checkpoint"
+M = TypeVar("M", bound=nn.Module)
 PathLike = str | os.PathLike[str]
 
 
@@ -159,11 +160,11 @@ def save_weights(path: PathLike, model: nn.Module) -> Path:
 
 def load_weights(
     path: PathLike,
-    model: nn.Module,
+    model: M,
     *,
     strict: bool = True,
     map_location: torch.device | str | None = None,
-) -> nn.Module:
+) -> M:
     """Load weights written by `save_weights` (or a plain `torch.save(model.state_dict())`).
 
     Only tensors are read (`weights_only=True`, or the safetensors format): a file holding

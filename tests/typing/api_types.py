@@ -17,6 +17,7 @@ from trainkit import (
     evaluate,
     fit,
     get_data,
+    load_weights,
     loss_batch,
     predict,
     to_device,
@@ -50,3 +51,6 @@ for xb, yb in wrapped:
 
 on_device = DeviceDataLoader(DataLoader(ds, batch_size=4), "cpu")
 assert_type(to_device((torch.zeros(1), torch.zeros(1)), "cpu"), tuple[Tensor, Tensor])
+
+# load_weights gives back the caller's own model type
+assert_type(load_weights("w.pth", nn.Linear(4, 2)), nn.Linear)
