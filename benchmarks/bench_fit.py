@@ -4,9 +4,11 @@
 
 Each run is one epoch of training plus validation, on in-memory random data of the real shapes
 (the work per step does not depend on the values). The hand-written loop is the tutorial's own
-`fit` with `loss_batch`; trainkit's `fit` runs with its defaults on: a progress bar (drawn into
-a discarded stream), the streaming `Accuracy` metric and the NaN check. Variants run interleaved;
-every run starts from the same model and data order.
+`fit` with `loss_batch`; trainkit's `fit` runs with its defaults on: a progress bar (drawn to
+the null device), the streaming `Accuracy` metric and the NaN check. Variants run interleaved;
+every run starts from the same model and data order. Besides times, each run's minor page faults
+are counted: a loop that keeps many small tensors alive fragments the heap and pays for fresh
+pages every step. Run with `OMP_NUM_THREADS=1` on a quiet machine.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,7 +59,10 @@ def bench(workload: Workload, reps: int, n_train: int, features: bool) -> str:
     """Time one workload's variants; return its markdown section."""
     name, make, shape, bs, lr, momentum = workload
     train_dl, valid_dl = loaders(shape, bs, n_train)
-    sink = io.StringIO()
+    # Output goes to the null device, as a terminal's would leave the process. Collected in a
+    # StringIO instead, its ever-growing buffer fragmented the heap and cost the variants that
+    # print the most (the bar) up to a thousand page faults per epoch.
+    sink = open(os.devnull, "w")  # noqa: SIM115 - used by every run below
 
     def fresh() -> tuple[nn.Module, optim.Optimizer]:
         torch.manual_seed(0)  # same weights and same shuffle order in every run
@@ -99,9 +106,21 @@ def bench(workload: Workload, reps: int, n_train: int, features: bool) -> str:
             "fit, channels_last=True": trainkit_fit(channels_last=True),
             "fit, compile=True": trainkit_fit(compile=True),
         }
-    times = interleaved(variants, reps)
-    title = f"## {name} ({len(train_dl)} steps + {len(valid_dl)} validation batches)"
-    return f"{title}\n\n{table(times, 'hand-written loop')}"
+    faults: dict[str, list[int]] = {}
+    times = interleaved(variants, reps, faults)
+    title = f"## {name}{', options' if features else ''}"
+    steps = f"{len(train_dl)} steps + {len(valid_dl)} validation batches per epoch."
+    return f"{title}\n\n{steps}\n\n{table(times, 'hand-written loop', faults)}"
+
+
+def allocator() -> str:
+    """The malloc in use: the C library's, or one preloaded (jemalloc, tcmalloc)."""
+    preload = os.environ.get("LD_PRELOAD", "")
+    return Path(preload).name if preload else "the C library's malloc"
+
+
+# (workload, with fit's options): the options get their own table, after the defaults' one
+SECTIONS = [(w, False) for w in WORKLOADS] + [(WORKLOADS[1], True)]
 
 
 def main() -> None:
@@ -111,22 +130,32 @@ def main() -> None:
     parser.add_argument("--features", action="store_true", help="also time fit's options on W2")
     parser.add_argument("--only", default="", help="run only workloads whose name contains this")
     parser.add_argument("--out", default=str(Path(__file__).with_name("fit.md")))
+    parser.add_argument("--section", type=int, help=argparse.SUPPRESS)  # one table, for main
     args = parser.parse_args()
+    if args.section is not None:
+        workload, features = SECTIONS[args.section]
+        print(bench(workload, args.reps, args.train, features))
+        return
     sections = []
-    for workload in WORKLOADS:
-        if args.only in workload[0]:
-            features = args.features and workload[0].startswith("W2")
-            sections.append(bench(workload, args.reps, args.train, features))
+    for index, (workload, features) in enumerate(SECTIONS):
+        if args.only in workload[0] and (args.features or not features):
+            # A fresh process per table: the variants of one table share the process's heap,
+            # and what earlier tables left in it (compile, bf16) changed later ones' page faults.
+            command = [sys.executable, __file__, "--section", str(index), "--reps", str(args.reps)]
+            command += ["--train", str(args.train)]
+            done = subprocess.run(command, check=True, capture_output=True, text=True)
+            sections.append(done.stdout.strip())
             print(sections[-1], flush=True)
     report = "\n\n".join(
         [
             "# trainkit `fit` vs the hand-written loop (CPU)",
-            f"Measured {datetime.date.today()} on {machine()}.",
-            f"Command: `python benchmarks/bench_fit.py --reps {args.reps} --train {args.train}"
-            + (" --features`." if args.features else "`."),
+            f"Measured {datetime.date.today()} on {machine()}; memory allocator: {allocator()}.",
+            f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_fit.py --reps {args.reps} "
+            f"--train {args.train}" + (" --features`." if args.features else "`."),
             "One epoch = training plus validation (validation batches twice the training batch). "
-            "Ratio = trainkit / hand-written; the paired ratio is the median over repetitions of "
-            "the ratio within the same repetition.",
+            "Each table runs in a fresh process. Ratio = trainkit / hand-written; the paired "
+            "ratio is the median over repetitions of the ratio within the same repetition. Page "
+            "faults: median minor page faults per run (fresh memory pages the run touched).",
             *sections,
         ]
     )

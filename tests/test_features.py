@@ -422,6 +422,30 @@ def test_nan_loss_stops_the_run_naming_epoch_and_step(capsys: pytest.CaptureFixt
     assert capsys.readouterr().out.splitlines()[-1].startswith("stopped: TerminateOnNaN")
 
 
+def test_nan_check_names_the_step_after_hundreds_unchecked() -> None:
+    # one check, at the epoch's end, covers 300 steps: the first bad one is still named exactly
+    calls = {"n": 0}
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        calls["n"] += 1
+        value = F.cross_entropy(out, y)
+        return value * float("inf") if calls["n"] in (201, 250) else value
+
+    ended: list[TrainState] = []
+
+    class End(Callback):
+        def on_fit_end(self, state: TrainState) -> None:
+            ended.append(state)
+
+    model, _ = twin_models()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    dl = DataLoader(data(300), batch_size=1)
+    fit(1, model, loss, opt, dl, progress=False, callbacks=[TerminateOnNaN(3600), End()])
+    assert ended[0].stop_reason == (
+        "TerminateOnNaN: the training loss was not finite at epoch 0 step 200"
+    )
+
+
 def test_nan_check_runs_before_checkpoint_like_callbacks() -> None:
     saved: list[int] = []
 

@@ -110,6 +110,11 @@ def test_mean_weights_by_batch_size_across_folds() -> None:
         mean.update(v, w)
     expected = sum(float(v) * w for v, w in zip(values, weights, strict=True)) / sum(weights)
     assert mean.compute().item() == pytest.approx(expected, rel=1e-12)
+    long = Mean()  # 2,000 updates: folds at fold_every, and the rest summed in compute()
+    long.fold_every = 700
+    for v, w in zip(values.repeat(40), weights * 40, strict=True):
+        long.update(v, w)
+    assert long.compute().item() == pytest.approx(expected, rel=1e-12)
     per_sample = Mean()
     per_sample.update(torch.tensor([1.0, 2.0, 3.0]))
     per_sample.update(torch.tensor(6.0))
@@ -442,3 +447,19 @@ def test_blitz_cifar_net_prints_accuracy_and_keeps_the_per_class_table(
     counts = torch.bincount(labels[40:], minlength=10)
     correct = (history.tensors("val_per_class_accuracy")[-1] * counts).nansum()
     assert correct / 40 == pytest.approx(history["val_accuracy"][-1])
+
+
+def test_updates_outside_no_grad_keep_no_graph() -> None:
+    # metrics are fed training outputs too (callbacks): what they keep must not hold the graph
+    w = torch.ones(5, requires_grad=True)
+    preds, target = scores(12)
+    metrics: list[Any] = [Accuracy(), Accuracy(top_k=2), PerClassAccuracy(5), ConfusionMatrix(5)]
+    for metric in metrics:
+        metric.update(preds * w, target)
+        kept = [t for v in vars(metric).values() for t in (v if isinstance(v, list) else [v])]
+        assert kept and not any(isinstance(t, Tensor) and t.requires_grad for t in kept), metric
+        metric.compute()
+    mean = Mean()
+    mean.update((preds * w).sum(), 2)
+    assert not any(t.requires_grad for t in mean._values)
+    assert not mean.compute().requires_grad

@@ -317,7 +317,10 @@ def to_device(batch: T, device: torch.device | str, *, non_blocking: bool = Fals
     return cast(T, _to_device(batch, _canonical(torch.device(device)), non_blocking))
 
 
-def _to_device(obj: Any, device: torch.device, non_blocking: bool) -> Any:
+def _to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
+    """`to_device` with `device` already canonical; `fit` calls it twice per step."""
+    if isinstance(obj, Tensor):  # the common case, without building a closure
+        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
     return _map_tensors(
         obj, lambda t: t if t.device == device else t.to(device, non_blocking=non_blocking)
     )

@@ -31,7 +31,7 @@ from trainkit.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainkit.data import _canonical, set_epoch, to_device
+from trainkit.data import _canonical, _to_device, set_epoch
 from trainkit.distributed import is_distributed, rank, world_size
 from trainkit.metrics import SYNCED, Mean, Metric, MetricArg, move_metrics, named_metrics
 from trainkit.state import History, TrainState
@@ -382,7 +382,7 @@ def _train_epoch(
     batches, train_loss = _start_epoch(state, resume)
     for step, batch in batches:
         xb, yb = _pair(batch, "train_dl")
-        xb, yb = to_device(xb, dev), to_device(yb, dev)
+        xb, yb = _to_device(xb, dev), _to_device(yb, dev)
         if run.channels_last and isinstance(xb, Tensor) and xb.ndim == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         state.step, state.xb, state.yb = step, xb, yb
@@ -565,7 +565,7 @@ def _evaluate(
     with torch.no_grad(), autocast or contextlib.nullcontext():
         for step, batch in enumerate(dl):
             xb, yb = _pair(batch, arg)
-            xb, yb = to_device(xb, dev), to_device(yb, dev)
+            xb, yb = _to_device(xb, dev), _to_device(yb, dev)
             out = model(xb)
             loss.update(_check_loss(loss_func(out, yb), loss_func), _batch_size(xb, yb))
             for m in metrics.values():
@@ -626,7 +626,7 @@ def predict(
         with torch.no_grad():
             for batch in dl:
                 xb = batch[0] if isinstance(batch, tuple | list) else batch
-                outputs.append(model(to_device(xb, dev)))
+                outputs.append(model(_to_device(xb, dev)))
     finally:
         model.train(was_training)
     if not outputs:
@@ -647,11 +647,14 @@ def _note_failure(exc: BaseException, hook: Callable[..., None], *args: Any) -> 
         exc.add_note(f"trainkit: {hook.__qualname__} also failed: {type(err).__name__}: {err}")
 
 
+_SEQUENCES = (tuple, list)  # a constant: `tuple | list` would build a union on every call
+
+
 def _pair(batch: Any, arg: str) -> tuple[Any, Any]:
-    if isinstance(batch, tuple | list) and len(batch) == 2:
+    if isinstance(batch, _SEQUENCES) and len(batch) == 2:
         return batch[0], batch[1]
     what = f"a {type(batch).__name__}"
-    if isinstance(batch, tuple | list):
+    if isinstance(batch, _SEQUENCES):
         what += f" of {len(batch)} items"
     raise TypeError(
         f"{arg} yielded {what}; fit expects (input, target) pairs. Adapt the batches with "
@@ -677,7 +680,9 @@ def _name(obj: object) -> str:
 
 
 def _batch_size(xb: Any, yb: Any) -> int:
-    return len(xb) if isinstance(xb, Tensor) else len(yb)
+    if isinstance(xb, Tensor) and xb.ndim:
+        return xb.shape[0]  # what len(xb) returns, without Tensor.__len__'s Python checks
+    return len(yb)
 
 
 def _model_device(model: nn.Module) -> torch.device:

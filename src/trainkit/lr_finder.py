@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from trainkit.checkpoint import rng_state, set_rng_state
-from trainkit.data import _canonical, to_device
+from trainkit.data import _canonical, _to_device
 from trainkit.loop import _check_loss, _model_device, _pair
 
 __all__ = ["LRFinderResult", "lr_find"]
@@ -115,7 +115,8 @@ def lr_find(
             for group in opt.param_groups:
                 group["lr"] = lr
             xb, yb = _pair(batch, "train_dl")
-            loss = _check_loss(loss_func(model(to_device(xb, dev)), to_device(yb, dev)), loss_func)
+            out = model(_to_device(xb, dev))
+            loss = _check_loss(loss_func(out, _to_device(yb, dev)), loss_func)
             torch.autograd.backward(loss)
             opt.step()
             opt.zero_grad()

@@ -145,9 +145,9 @@ class _Classification:
         self.score_sum = torch.zeros((), dtype=torch.float64)  # NaN/Inf if any score was
         self._init_counts()
 
-    @torch.no_grad()
     def update(self, preds: Tensor, target: Tensor) -> None:
         """Take in one batch: scores `(N, C)`, targets `(N,)` or `(N, C)`; nothing is read back."""
+        preds = preds.detach()  # cheaper per batch than a torch.no_grad() decorator
         labels = _labels(preds, target, self.owner, self._columns)
         self._columns = preds.shape[1]
         self._preds.append(self._predicted(preds))
@@ -254,8 +254,10 @@ class Accuracy(_Classification):
         return [self.correct]
 
     def _predicted(self, preds: Tensor) -> Tensor:
+        if self.top_k == 1:
+            return preds.argmax(dim=1)
         _check_k(self.top_k, preds, "Accuracy")
-        return preds.argmax(dim=1) if self.top_k == 1 else preds.topk(self.top_k, dim=1).indices
+        return preds.topk(self.top_k, dim=1).indices
 
     def _count(self, preds: Tensor, labels: Tensor, valid: Tensor) -> None:
         hits = preds == labels if preds.ndim == 1 else (preds == labels.unsqueeze(1)).any(dim=1)
@@ -438,7 +440,7 @@ class Mean:
             )
         if weight < 0:
             raise ValueError(f"Mean.update(weight=...): must be >= 0, got {weight!r}")
-        self._values.append(value.detach())
+        self._values.append(value.detach() if value.requires_grad else value)
         self._weights.append(weight)
         self.count += weight
         if len(self._values) >= self.fold_every:
