@@ -1,6 +1,6 @@
 """trainkit's `fit` against the tutorial's hand-written loop, on the seeds' models.
 
-    python benchmarks/bench_fit.py [--reps 11] [--train 10000] [--out benchmarks/fit.md]
+    OMP_NUM_THREADS=1 python benchmarks/bench_fit.py [--reps 11] [--seconds 30] [--features]
 
 Each run is one epoch of training plus validation, on in-memory random data of the real shapes
 (the work per step does not depend on the values). The hand-written loop is the tutorial's own
@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,7 +57,7 @@ def loaders(
     return train, valid
 
 
-def bench(workload: Workload, reps: int, n_train: int, features: bool) -> str:
+def bench(workload: Workload, reps: int, seconds: float, n_train: int, features: bool) -> str:
     """Time one workload's variants; return its markdown section."""
     name, make, shape, bs, lr, momentum = workload
     train_dl, valid_dl = loaders(shape, bs, n_train)
@@ -106,6 +108,12 @@ def bench(workload: Workload, reps: int, n_train: int, features: bool) -> str:
             "fit, channels_last=True": trainkit_fit(channels_last=True),
             "fit, compile=True": trainkit_fit(compile=True),
         }
+    # at least `seconds` of runs per table: the short epochs need many repetitions before the
+    # medians settle (early runs also pay the heap's first page faults)
+    start = time.perf_counter()
+    for run in variants.values():
+        run()
+    reps = max(reps, math.ceil(seconds / (time.perf_counter() - start)))
     faults: dict[str, list[int]] = {}
     times = interleaved(variants, reps, faults)
     title = f"## {name}{', options' if features else ''}"
@@ -125,7 +133,8 @@ SECTIONS = [(w, False) for w in WORKLOADS] + [(WORKLOADS[1], True)]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--reps", type=int, default=11, help="repetitions, at least")
+    parser.add_argument("--seconds", type=float, default=30, help="time per table, at least")
     parser.add_argument("--train", type=int, default=10_000, help="training samples per epoch")
     parser.add_argument("--features", action="store_true", help="also time fit's options on W2")
     parser.add_argument("--only", default="", help="run only workloads whose name contains this")
@@ -134,7 +143,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.section is not None:
         workload, features = SECTIONS[args.section]
-        print(bench(workload, args.reps, args.train, features))
+        print(bench(workload, args.reps, args.seconds, args.train, features))
         return
     sections = []
     for index, (workload, features) in enumerate(SECTIONS):
@@ -142,7 +151,7 @@ def main() -> None:
             # A fresh process per table: the variants of one table share the process's heap,
             # and what earlier tables left in it (compile, bf16) changed later ones' page faults.
             command = [sys.executable, __file__, "--section", str(index), "--reps", str(args.reps)]
-            command += ["--train", str(args.train)]
+            command += ["--seconds", str(args.seconds), "--train", str(args.train)]
             done = subprocess.run(command, check=True, capture_output=True, text=True)
             sections.append(done.stdout.strip())
             print(sections[-1], flush=True)
@@ -151,7 +160,8 @@ def main() -> None:
             "# trainkit `fit` vs the hand-written loop (CPU)",
             f"Measured {datetime.date.today()} on {machine()}; memory allocator: {allocator()}.",
             f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_fit.py --reps {args.reps} "
-            f"--train {args.train}" + (" --features`." if args.features else "`."),
+            f"--seconds {args.seconds:g} --train {args.train}"
+            + (" --features`." if args.features else "`."),
             "One epoch = training plus validation (validation batches twice the training batch). "
             "Each table runs in a fresh process. Ratio = trainkit / hand-written; the paired "
             "ratio is the median over repetitions of the ratio within the same repetition. Page "
