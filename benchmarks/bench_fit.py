@@ -24,15 +24,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from common import interleaved, machine, table
-from models import BlitzNet, MnistCNN, QuickstartMLP
+from models import BlitzNet, MnistCNN, QuickstartMLP, tutorial_epoch
 from torch import nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainkit import Accuracy, Amp, fit, loss_batch
+from trainkit import Accuracy, Amp, fit
 
 Workload = tuple[str, Callable[[], nn.Module], tuple[int, ...], int, float, float]
 WORKLOADS: list[Workload] = [
@@ -72,16 +71,7 @@ def bench(workload: Workload, reps: int, seconds: float, n_train: int, features:
         return model, optim.SGD(model.parameters(), lr=lr, momentum=momentum)
 
     def hand_written() -> None:
-        model, opt = fresh()
-        model.train()
-        for xb, yb in train_dl:
-            loss_batch(model, F.cross_entropy, xb, yb, opt)
-        model.eval()
-        with torch.no_grad():
-            losses, nums = zip(
-                *[loss_batch(model, F.cross_entropy, xb, yb) for xb, yb in valid_dl], strict=True
-            )
-        print(np.sum(np.multiply(losses, nums)) / np.sum(nums), file=sink)
+        print(tutorial_epoch(*fresh(), train_dl, valid_dl), file=sink)
 
     def trainkit_fit(
         clip: float | None = None,

@@ -12,15 +12,14 @@ import argparse
 import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from common import interleaved, machine, table
-from models import MnistCNN
+from models import MnistCNN, tutorial_epoch
 from torch import nn, optim
 from torch.utils.data import TensorDataset
 
-from trainkit import Accuracy, ConfusionMatrix, PerClassAccuracy, fit, get_data, loss_batch
+from trainkit import Accuracy, ConfusionMatrix, PerClassAccuracy, fit, get_data
 
 
 def main() -> None:
@@ -41,16 +40,7 @@ def main() -> None:
         return model, optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
     def hand_written() -> None:  # the tutorial's fit, one epoch
-        model, opt = model_and_opt()
-        model.train()
-        for xb, yb in train_dl:
-            loss_batch(model, F.cross_entropy, xb, yb, opt)
-        model.eval()
-        with torch.no_grad():
-            losses, nums = zip(
-                *[loss_batch(model, F.cross_entropy, xb, yb) for xb, yb in valid_dl], strict=True
-            )
-        np.sum(np.multiply(losses, nums)) / np.sum(nums)
+        tutorial_epoch(*model_and_opt(), train_dl, valid_dl)
 
     def trainkit_fit(metrics: list[Accuracy | PerClassAccuracy | ConfusionMatrix]) -> None:
         model, opt = model_and_opt()

@@ -1,60 +1,39 @@
-"""The seed documents' models, as the benchmarks train them."""
+"""The seed documents' models (the examples' own classes) and their hand-written training loop."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, nn, optim
+
+from trainkit import loss_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+from cifar10_classifier import Net as BlitzNet  # the blitz's CIFAR-10 Net
+from nn_tutorial import Mnist_CNN as MnistCNN  # "What is torch.nn really?"
+from quickstart import NeuralNetwork as QuickstartMLP  # the Quickstart's MLP
+
+__all__ = ["BlitzNet", "MnistCNN", "QuickstartMLP", "tutorial_epoch"]
+
+Batches = Iterable[tuple[Tensor, Tensor]]
 
 
-class MnistCNN(nn.Module):
-    """ "What is torch.nn really?": Mnist_CNN."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(16, 16, kernel_size=3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(16, 10, kernel_size=3, stride=2, padding=1)
-
-    def forward(self, xb: Tensor) -> Tensor:
-        xb = xb.view(-1, 1, 28, 28)
-        xb = F.relu(self.conv1(xb))
-        xb = F.relu(self.conv2(xb))
-        xb = F.relu(self.conv3(xb))
-        return F.avg_pool2d(xb, 4).view(-1, xb.size(1))
-
-
-class QuickstartMLP(nn.Module):
-    """The Quickstart's NeuralNetwork: Flatten, 784-512-512-10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.linear_relu_stack = nn.Sequential(
-            nn.Linear(28 * 28, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+def tutorial_epoch(
+    model: nn.Module, opt: optim.Optimizer, train_dl: Batches, valid_dl: Batches
+) -> float:
+    """One epoch of "What is torch.nn really?"'s own `fit` with `loss_batch`; the val loss."""
+    model.train()
+    for xb, yb in train_dl:
+        loss_batch(model, F.cross_entropy, xb, yb, opt)
+    model.eval()
+    with torch.no_grad():
+        losses, nums = zip(
+            *[loss_batch(model, F.cross_entropy, xb, yb) for xb, yb in valid_dl], strict=True
         )
-
-    def forward(self, x: Tensor) -> Tensor:
-        out: Tensor = self.linear_relu_stack(self.flatten(x))
-        return out
-
-
-class BlitzNet(nn.Module):
-    """The 60-minute blitz's CIFAR-10 Net."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 5)
-        self.pool = nn.MaxPool2d(2, 2)
-        self.conv2 = nn.Conv2d(6, 16, 5)
-        self.fc1 = nn.Linear(16 * 5 * 5, 120)
-        self.fc2 = nn.Linear(120, 84)
-        self.fc3 = nn.Linear(84, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(F.relu(self.conv1(x)))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = x.view(-1, 16 * 5 * 5)
-        x = F.relu(self.fc1(x))
-        x = F.relu(self.fc2(x))
-        out: Tensor = self.fc3(x)
-        return out
+    return float(np.sum(np.multiply(losses, nums)) / np.sum(nums))
