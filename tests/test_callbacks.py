@@ -157,7 +157,7 @@ def test_stop_training_mid_epoch_drops_the_unfinished_epoch() -> None:
     history = fit(
         5, model, F.cross_entropy, opt, train, valid, callbacks=[StopAtBatch()], progress=False
     )
-    assert history["epoch"] == [0]
+    assert history["epoch"] == [1]
 
 
 class BoomError(Exception):

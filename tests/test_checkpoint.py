@@ -293,11 +293,11 @@ def test_model_checkpoint_keeps_the_best_k_and_last(tmp_path: Path) -> None:
         progress=False,
     )
     names = sorted(p.name for p in (tmp_path / "ck").iterdir())
-    assert names == ["epoch=1-val_loss=0.5000.ckpt", "epoch=3-val_loss=0.4000.ckpt", "last.ckpt"]
+    assert names == ["epoch=2-val_loss=0.5000.ckpt", "epoch=4-val_loss=0.4000.ckpt", "last.ckpt"]
     assert mc.state_dict() == {
-        "best": [[0.4, "epoch=3-val_loss=0.4000.ckpt"], [0.5, "epoch=1-val_loss=0.5000.ckpt"]]
+        "best": [[0.4, "epoch=4-val_loss=0.4000.ckpt"], [0.5, "epoch=2-val_loss=0.5000.ckpt"]]
     }
-    ckpt = load_checkpoint(tmp_path / "ck" / "epoch=3-val_loss=0.4000.ckpt", model=small())
+    ckpt = load_checkpoint(tmp_path / "ck" / "epoch=4-val_loss=0.4000.ckpt", model=small())
     assert ckpt.epoch == 3 and ckpt.epoch_complete
 
 

@@ -102,7 +102,7 @@ def test_csv_has_a_header_and_one_exact_row_per_epoch(
     history = run(tabular, 3, [CSVLogger(path)])
     fields, rows = read_csv(path)
     assert fields == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"]
-    assert [row["epoch"] for row in rows] == ["0", "1", "2"]
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     assert as_floats(rows) == history.records  # full precision: floats read back exactly
     assert not list(tmp_path.glob("logs/.*.tmp"))
 
@@ -118,7 +118,7 @@ def test_each_row_is_on_disk_when_its_epoch_ends(
             seen.append([row["epoch"] for row in read_csv(path)[1]])
 
     run(tabular, 3, [Peek(), CSVLogger(path)])  # the logger's order puts it first anyway
-    assert seen == [["0"], ["0", "1"], ["0", "1", "2"]]
+    assert seen == [["1"], ["1", "2"], ["1", "2", "3"]]
 
 
 def test_a_fresh_run_replaces_the_rows_of_an_earlier_run(
@@ -134,14 +134,14 @@ def test_resume_keeps_earlier_rows_and_appends_without_duplicates(
     tabular: tuple[TensorDataset, TensorDataset], tmp_path: Path
 ) -> None:
     path = tmp_path / "run.csv"
-    first = run(tabular, 4, [CSVLogger(path)], seed=0)  # epochs 0-3 logged, then "crashed"
-    # Resume from a checkpoint taken after epoch 1: epochs 2 and 3 are trained again.
+    first = run(tabular, 4, [CSVLogger(path)], seed=0)  # epochs 1-4 logged, then "crashed"
+    # Resume from a checkpoint taken after epoch 2: epochs 3 and 4 are trained again.
     checkpointed = History(first.records[:2])
     second = run(tabular, 2, [Resumed(checkpointed), CSVLogger(path)], seed=1)
 
-    assert [r["epoch"] for r in second.records] == [0, 1, 2, 3]
+    assert [r["epoch"] for r in second.records] == [1, 2, 3, 4]
     rows = as_floats(read_csv(path)[1])
-    assert [row["epoch"] for row in rows] == [0, 1, 2, 3]  # each epoch once
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]  # each epoch once
     assert rows[:2] == first.records[:2]  # kept from the first run
     assert rows[2:] == second.records[2:]  # from the resumed run, not the first
     assert rows[2] != first.records[2]
@@ -154,10 +154,10 @@ def test_resume_after_a_crash_continues_the_same_file(
     with pytest.raises(RuntimeError, match="crash after epoch 2"):
         run(tabular, 5, [CSVLogger(path), FailAt(2)])
     rows = as_floats(read_csv(path)[1])
-    assert [row["epoch"] for row in rows] == [0, 1, 2]  # what finished is on disk
+    assert [row["epoch"] for row in rows] == [1, 2, 3]  # what finished is on disk
     resumed = run(tabular, 2, [Resumed(History(rows)), CSVLogger(path)])
     rows = as_floats(read_csv(path)[1])
-    assert [row["epoch"] for row in rows] == [0, 1, 2, 3, 4]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4, 5]
     assert rows[3:] == resumed.records[3:]
 
 
@@ -183,7 +183,7 @@ def test_the_epoch_that_early_stopping_stops_at_is_logged(
     path = tmp_path / "run.csv"
     history = run(tabular, 5, [StopAtOnce(), EarlyStopping(), CSVLogger(path)])
     assert len(history) == 1
-    assert [row["epoch"] for row in read_csv(path)[1]] == ["0"]
+    assert [row["epoch"] for row in read_csv(path)[1]] == ["1"]
 
 
 def test_an_unwritable_path_names_the_argument_and_the_path(
@@ -219,7 +219,7 @@ def test_an_empty_existing_file_is_a_new_log(
     path = tmp_path / "run.csv"
     path.write_text("")
     run(tabular, 1, [CSVLogger(path)])
-    assert [row["epoch"] for row in read_csv(path)[1]] == ["0"]
+    assert [row["epoch"] for row in read_csv(path)[1]] == ["1"]
 
 
 def test_repr_names_the_path() -> None:
@@ -245,7 +245,7 @@ def test_tensorboard_gets_every_figure_per_epoch(
     found = scalars(tmp_path / "tb")
     assert sorted(found) == ["lr", "seconds", "train_loss", "val_accuracy", "val_loss"]
     for tag, points in found.items():
-        assert [step for step, _ in points] == [0, 1, 2]
+        assert [step for step, _ in points] == [1, 2, 3]
         assert [v for _, v in points] == pytest.approx(history[tag], rel=1e-6)
     assert logger._writer is None  # closed at the end of fit
 
@@ -256,7 +256,7 @@ def test_tensorboard_resume_purges_the_epochs_trained_again(
     first = run(tabular, 4, [TensorBoardLogger(tmp_path)], seed=0)
     second = run(tabular, 2, [Resumed(History(first.records[:2])), TensorBoardLogger(tmp_path)])
     points = scalars(tmp_path)["train_loss"]
-    assert [step for step, _ in points] == [0, 1, 2, 3]  # one curve, no doubled steps
+    assert [step for step, _ in points] == [1, 2, 3, 4]  # one curve, no doubled steps
     expected = first["train_loss"][:2] + second["train_loss"][2:]
     assert [v for _, v in points] == pytest.approx(expected, rel=1e-6)
 
@@ -268,7 +268,7 @@ def test_tensorboard_writer_is_closed_when_the_run_fails(
     with pytest.raises(RuntimeError, match="crash after epoch 1"):
         run(tabular, 3, [logger, FailAt(1)])
     assert logger._writer is None
-    assert [s for s, _ in scalars(tmp_path)["val_loss"]] == [0, 1]
+    assert [s for s, _ in scalars(tmp_path)["val_loss"]] == [1, 2]
 
 
 def test_tensorboard_unwritable_log_dir_names_the_argument(
@@ -332,7 +332,7 @@ def test_only_rank_zero_writes_under_distributed(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    assert [row["epoch"] for row in read_csv(tmp_path / "rank0.csv")[1]] == ["0", "1"]
+    assert [row["epoch"] for row in read_csv(tmp_path / "rank0.csv")[1]] == ["1", "2"]
     assert sorted(scalars(tmp_path / "tb0")) == ["lr", "seconds", "train_loss", "val_loss"]
     assert not (tmp_path / "rank1.csv").exists()
     assert not (tmp_path / "tb1").exists()

@@ -96,7 +96,7 @@ def test_fit_matches_the_tutorial_loop_exactly(
     for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(pa, pb)  # same batches, same order, same updates
     assert history["val_loss"] == pytest.approx(expected, rel=1e-6)
-    assert history["epoch"] == [0, 1, 2]
+    assert history["epoch"] == [1, 2, 3]  # numbered from 1
 
 
 def test_history_records_train_loss_lr_seconds_and_metrics(

@@ -114,7 +114,7 @@ def test_default_title_and_layout_of_many_panels(tmp_path: Path) -> None:
 
 def test_unprefixed_figures_get_their_own_panel_and_missing_epochs_are_skipped() -> None:
     h = History(
-        [{"epoch": 0, "train_loss": 1.0, "grad_norm": 3.0}, {"epoch": 1, "train_loss": 0.5}]
+        [{"epoch": 1, "train_loss": 1.0, "grad_norm": 3.0}, {"epoch": 2, "train_loss": 0.5}]
     )
     fig = h.plot()
     assert [ax.get_title() for ax in fig.axes] == ["loss", "grad_norm"]

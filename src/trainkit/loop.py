@@ -419,7 +419,11 @@ def _train_epoch(
     _call(hooks["on_train_epoch_end"], state)
     if is_distributed():
         train_loss.sync()  # the loss over every process's batches
-    record: dict[str, float] = {"epoch": state.epoch, "train_loss": float(train_loss.compute())}
+    # epochs are numbered from 1 wherever a user reads them; state.epoch is the 0-based index
+    record: dict[str, float] = {
+        "epoch": state.epoch + 1,
+        "train_loss": float(train_loss.compute()),
+    }
     tensors: dict[str, Tensor] = {}
     if state.valid_dl is not None:
         model.eval()

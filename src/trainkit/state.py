@@ -26,20 +26,21 @@ Status = Literal["running", "completed", "stopped", "failed"]
 class History:
     """Per-epoch records of a run: one dict per epoch, in order.
 
-    Every record has `epoch` (counted from 0), `train_loss`, `lr` (the first parameter group's
-    learning rate at the end of the epoch) and `seconds`; with a validation loader also
+    Every record has `epoch` (the epoch's number, counted from 1 as everywhere a user reads
+    it), `train_loss`, `lr` (the first parameter group's learning rate at the end of the
+    epoch) and `seconds`; with a validation loader also
     `val_loss` and one `val_<name>` per metric (`val_accuracy`, `val_top5_accuracy`, ...).
     Metric results with more than one element (`val_per_class_accuracy`,
     `val_confusion_matrix`) are kept as CPU tensors: `history.tensors("val_per_class_accuracy")`.
 
     Example:
         >>> h = History()
-        >>> h.append({"epoch": 0, "train_loss": 0.9, "val_loss": 0.8})
-        >>> h.append({"epoch": 1, "train_loss": 0.5, "val_loss": 0.6})
+        >>> h.append({"epoch": 1, "train_loss": 0.9, "val_loss": 0.8})
+        >>> h.append({"epoch": 2, "train_loss": 0.5, "val_loss": 0.6})
         >>> h["val_loss"]
         [0.8, 0.6]
         >>> h[-1]["epoch"]
-        1
+        2
     """
 
     def __init__(self, records: Iterable[dict[str, float]] = ()) -> None:
@@ -55,7 +56,7 @@ class History:
 
         Example:
             >>> h = History()
-            >>> h.append({"epoch": 0, "train_loss": 0.9}, {"val_per_class": torch.ones(3)})
+            >>> h.append({"epoch": 1, "train_loss": 0.9}, {"val_per_class": torch.ones(3)})
             >>> len(h)
             1
         """
@@ -88,7 +89,7 @@ class History:
 
         Example:
             >>> h = History()
-            >>> h.append({"epoch": 0}, {"val_per_class": torch.tensor([0.5, 1.0])})
+            >>> h.append({"epoch": 1}, {"val_per_class": torch.tensor([0.5, 1.0])})
             >>> h.tensors("val_per_class")
             [tensor([0.5000, 1.0000])]
         """
@@ -127,7 +128,7 @@ class History:
             Every name any record holds, each once.
 
         Example:
-            >>> History([{"epoch": 0, "train_loss": 1.0}, {"epoch": 1, "val_loss": 0.5}]).keys()
+            >>> History([{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "val_loss": 0.5}]).keys()
             ['epoch', 'train_loss', 'val_loss']
         """
         return list(dict.fromkeys(k for r in self.records for k in r))
@@ -163,8 +164,8 @@ class History:
             OSError: `path` cannot be written (the message names it).
 
         Example:
-            >>> h = History([{"epoch": 0, "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.6},
-            ...              {"epoch": 1, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.7}])
+            >>> h = History([{"epoch": 1, "train_loss": 0.9, "val_loss": 0.8, "val_accuracy": 0.6},
+            ...              {"epoch": 2, "train_loss": 0.5, "val_loss": 0.6, "val_accuracy": 0.7}])
             >>> fig = h.plot()  # h.plot("runs/history.png") also writes the PNG
             >>> [ax.get_title() for ax in fig.axes]
             ['loss', 'accuracy']
@@ -211,7 +212,7 @@ class History:
             raise ValueError("History.plot: the history has no epochs; there is nothing to plot")
         panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
         for i, record in enumerate(self.records):
-            x = float(record.get("epoch", i)) + 1
+            x = float(record.get("epoch", i + 1))
             for key, value in record.items():
                 if key in _NOT_PLOTTED:
                     continue
@@ -300,7 +301,8 @@ class TrainState:
         model, loss_func, opt, train_dl, valid_dl: The arguments of `fit`.
         epochs: Number of epochs asked for.
         device: Where the model is and where batches are moved.
-        epoch: Current epoch, counted from 0.
+        epoch: Index of the current epoch, counted from 0 (for code: `range(epochs)`); the
+            epoch's number, shown in the bar, History, logs and file names, is `epoch + 1`.
         step: Index of the current batch within the epoch.
         global_step: Optimizer steps taken since the start of the run.
         xb, yb: The current batch, on `device`.

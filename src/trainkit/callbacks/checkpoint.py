@@ -22,13 +22,14 @@ class ModelCheckpoint(Callback):
     """Write checkpoints that `fit(resume=dirpath)` continues from exactly.
 
     After every epoch, `last.ckpt` is rewritten (with `save_last`), and the epoch is kept as
-    `epoch=E-<monitor>=V.ckpt` if it is among the best `save_top_k` by `monitor`; files that
-    drop out of the best k are deleted only after the new one is safely on disk. With
-    `every_n_steps`, `last.ckpt` is also rewritten every that many optimizer steps, so a killed
-    run loses at most that many steps. On Ctrl-C, `last.ckpt` is written for the last completed
-    step before the interrupt propagates (`fit` defers Ctrl-C to the end of the current step).
-    Weights that are not finite are never written over a good checkpoint. Runs after the other
-    callbacks (order 100), so their state is saved as they left it.
+    `epoch=E-<monitor>=V.ckpt` (E the epoch's number, from 1) if it is among the best
+    `save_top_k` by `monitor`; files that drop out of the best k are deleted only after the new
+    one is safely on disk. With `every_n_steps`, `last.ckpt` is also rewritten every that many
+    optimizer steps, so a killed run loses at most that many steps. On Ctrl-C, `last.ckpt` is
+    written for the last completed step before the interrupt propagates (`fit` defers Ctrl-C to
+    the end of the current step). Weights that are not finite are never written over a good
+    checkpoint. Runs after the other callbacks (order 100), so their state is saved as they left
+    it.
 
     Args:
         dirpath: Directory for the files (created if missing).
@@ -128,7 +129,7 @@ class ModelCheckpoint(Callback):
             return
         if len(self.best) >= self.save_top_k and score >= self.best[-1][0]:
             return
-        name = f"epoch={state.epoch}-{self.monitor}={value:.4f}.ckpt"
+        name = f"epoch={state.epoch + 1}-{self.monitor}={value:.4f}.ckpt"
         if not self._write(self.dirpath / name, state, epoch_complete=True):
             return
         self.best = sorted([*(b for b in self.best if b[1] != name), (score, name)])

@@ -27,10 +27,11 @@ class CSVLogger(Callback):
     back exactly); a figure an epoch lacks is left empty.
 
     At the start of `fit`, rows of an existing file for the epochs this run will record are
-    dropped and the earlier rows kept: a fresh run (starting at epoch 0) replaces the file, and
-    a resumed run starting at epoch `k` keeps rows `0 .. k-1` and appends from `k` on, without
-    duplicating rows. The first epoch this run records is `state.epoch` at fit start or, if
-    larger, one past the last epoch already in `state.history`. A new figure appearing in a
+    dropped and the earlier rows kept: a fresh run (starting at epoch 1) replaces the file, and
+    a resumed run starting at epoch `k` keeps rows `1 .. k-1` and appends from `k` on, without
+    duplicating rows. Epochs are numbered from 1, as in `History`. The first epoch this run
+    records is `state.epoch + 1` at fit start or, if larger, one past the last epoch already in
+    `state.history`. A new figure appearing in a
     later epoch or run adds a column (the file is rewritten once, earlier rows left empty
     there). Under `torch.distributed`, only rank 0 writes.
 
@@ -177,7 +178,7 @@ class TensorBoardLogger(Callback):
         if self._writer is None:
             return
         record = state.history[-1]
-        step = int(record.get("epoch", state.epoch))
+        step = int(record.get("epoch", state.epoch + 1))
         for key, value in record.items():
             if key != "epoch":
                 self._writer.add_scalar(key, value, global_step=step)
@@ -193,12 +194,13 @@ class TensorBoardLogger(Callback):
 
 
 def _first_epoch(state: TrainState) -> int:
-    """The first epoch a starting run will record: `state.epoch`, or one past the history."""
-    after_history = 0
+    """The number (from 1) of the first epoch a starting run will record: `state.epoch + 1`,
+    or one past the last epoch in the history."""
+    after_history = 1
     if state.history.records:
         last = state.history[-1]
-        after_history = int(last["epoch"]) + 1 if "epoch" in last else len(state.history)
-    return max(state.epoch, after_history)
+        after_history = int(last["epoch"]) + 1 if "epoch" in last else len(state.history) + 1
+    return max(state.epoch + 1, after_history)
 
 
 def _epoch_of(row: dict[str, str], path: Path) -> float:
