@@ -160,7 +160,8 @@ _MAX_LISTED = 20  # problems spelled out in one message; all of them are in `Dat
 _BYTES_PER_PIXEL = 16
 _METADATA_BYTES = 64 * 2**20
 # Open without blocking: a FIFO opened for reading waits for a writer (forever, if none comes).
-_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+# O_BINARY: no newline translation where the C library has a text mode (Windows).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
 _FILE_KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -454,7 +455,18 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
                     tensor = _decode_png(image.file, self.mode)
                 else:
                     tensor = decode_image(image.read_all(), _READ_MODES[self.mode])
-            except (RuntimeError, ValueError, OSError, SyntaxError, EOFError) as err:
+            # Image.open turns the last three into "cannot identify image file"; here they are the
+            # PNG plugin's, called directly.
+            except (
+                RuntimeError,
+                ValueError,
+                OSError,
+                SyntaxError,
+                EOFError,
+                IndexError,
+                TypeError,
+                struct.error,
+            ) as err:
                 reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err))  # drop the C++ source location
                 raise DatasetError(f"{where}: corrupt or truncated {image.kind}: {reason}") from err
         if tensor.ndim == 4:  # the header said one frame; a decoder that disagrees is not trusted
@@ -494,7 +506,7 @@ def _open_regular(path: Path, where: str, noun: str) -> io.BufferedReader:
     try:
         info = path.stat()
         if stat.S_ISREG(info.st_mode):
-            file = open(os.open(path, os.O_RDONLY | _NONBLOCK), "rb")  # noqa: SIM115
+            file = open(os.open(path, _OPEN_FLAGS), "rb")  # noqa: SIM115
             info = os.fstat(file.fileno())  # what was opened, if the path changed meanwhile
             if not stat.S_ISREG(info.st_mode):
                 file.close()
