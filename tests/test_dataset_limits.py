@@ -193,6 +193,9 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, An
     )
     assert run.returncode == 0, run.stderr
     results: dict[str, dict[str, Any]] = json.loads(run.stdout)
+    for name, result in results.items():  # the figures, shown with `pytest -s`
+        outcome = result.get("error") or result.get("crash") or f"image {result.get('shape')}"
+        print(f"{name:24} peak {result['peak'] / MiB:8.2f} MiB  {outcome.rsplit('): ', 1)[-1]}")
     results["paths"] = {case["name"]: case["csv"] for case in cases}
     results["files"] = {
         case["name"]: (Path(case["img_dir"]) / "image").stat().st_size for case in cases
@@ -478,6 +481,14 @@ def test_a_device_as_annotations_file_is_refused(folder: Path) -> None:
         DatasetError, match=r"^/dev/null: the annotations file is a character device, not a"
     ):
         CustomImageDataset("/dev/null", folder / "images")
+
+
+def test_a_nul_in_the_argument_paths_is_a_dataset_error(folder: Path) -> None:
+    (folder / "labels.csv").write_text("a.png,0\n")
+    with pytest.raises(DatasetError, match=r"labels.csv\x00: cannot open the annotations file"):
+        CustomImageDataset(f"{folder}/labels.csv\0", folder / "images")
+    with pytest.raises(DatasetError, match=r"the image folder \(img_dir\) cannot be opened"):
+        CustomImageDataset(folder / "labels.csv", f"{folder}/images\0")
 
 
 def test_a_folder_as_annotations_file_is_named(folder: Path) -> None:

@@ -512,6 +512,8 @@ def _open_regular(path: Path, where: str, noun: str) -> io.BufferedReader:
                 file.close()
     except FileNotFoundError:
         raise DatasetError(f"{where}: {noun} not found") from None
+    except ValueError as err:  # "embedded null byte"
+        raise DatasetError(f"{where}: cannot open the {noun}: {err}") from None
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise DatasetError(f"{where}: a symlink loop; refused") from None
@@ -686,7 +688,7 @@ def _decode_png(file: io.BufferedReader, mode: ImageMode) -> Tensor:
     with PngImagePlugin.PngImageFile(file) as im:
         im.load()
         if im.mode.startswith("I"):  # 16-bit gray: keep the high byte, as decode_image scales
-            array = (np.array(im, dtype=np.uint32) >> 8).astype(np.uint8)
+            array = (np.asarray(im) >> 8).astype(np.uint8)
             if mode == "rgb":
                 array = np.repeat(array[..., None], 3, axis=-1)
         else:
@@ -716,6 +718,8 @@ def _folder(img_dir: Path) -> Path:
         info = img_dir.stat()
     except FileNotFoundError:
         raise DatasetError(f"{where} does not exist") from None
+    except ValueError as err:  # "embedded null byte"
+        raise DatasetError(f"{where} cannot be opened: {err}") from None
     except OSError as err:
         if err.errno == errno.ELOOP:
             raise DatasetError(f"{where} is a symlink loop") from None
