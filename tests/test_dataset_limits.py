@@ -599,6 +599,14 @@ def test_a_webp_claiming_16383x16383_is_refused(folder: Path) -> None:
         dataset(folder)[0]
 
 
+def test_a_path_too_long_for_the_system_is_named(folder: Path) -> None:
+    write(folder, {}, f"a.png,0\n{'x' * 5000}.png,1\n")
+    ds = dataset(folder)
+    message = r"x\.png \(.*labels.csv, line 2\): cannot read the file: File name too long"
+    with pytest.raises(DatasetError, match=message):
+        ds[1]
+
+
 def test_a_csv_cell_over_the_csv_modules_limit_is_named(folder: Path) -> None:
     write(folder, {}, f"a.png,0\n{'x' * 200_000}.png,1\n")
     with pytest.raises(
