@@ -4,6 +4,7 @@ have; the memory cases run in a child process whose peak memory is measured and 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -511,6 +512,25 @@ def test_a_symlink_loop_as_an_image_is_a_dataset_error(folder: Path, cycle: str)
         ds[1]
     with pytest.raises(DatasetError, match=message):
         ds.validate()
+
+
+def test_a_symlink_loop_reported_by_resolve_as_oserror_is_a_dataset_error(
+    folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What pathlib raises for a loop depends on the Python version (RuntimeError up to 3.12).
+    os.symlink("loop.png", folder / "images" / "loop.png")
+    write(folder, {}, "loop.png,0\n")
+    ds = dataset(folder)
+    real_resolve = Path.resolve
+
+    def resolve(path: Path, strict: bool = False) -> Path:
+        if path.name == "loop.png":
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+        return real_resolve(path, strict)
+
+    monkeypatch.setattr(Path, "resolve", resolve)
+    with pytest.raises(DatasetError, match=r"loop.png \(.*line 1\): a symlink loop; refused"):
+        ds[0]
 
 
 def test_a_symlink_loop_as_annotations_file_or_img_dir_is_a_dataset_error(folder: Path) -> None:

@@ -434,6 +434,10 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
             path = (self._root / self.samples[idx][0]).resolve()
         except RuntimeError:  # pathlib before Python 3.13 raises this for a symlink loop
             raise DatasetError(f"{where}: a symlink loop; refused") from None
+        except OSError as err:  # later ones may raise ELOOP, or leave it to the open below
+            if err.errno == errno.ELOOP:
+                raise DatasetError(f"{where}: a symlink loop; refused") from None
+            raise DatasetError(f"{where}: cannot read the file: {err.strerror or err}") from err
         if not path.is_relative_to(self._root):
             raise DatasetError(
                 f"{where}: a symlink leads outside the image folder (to {path}); refused"
