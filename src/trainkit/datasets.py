@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import io
 import os
 import re
 import shutil
 import stat
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import PngImagePlugin
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -151,7 +153,22 @@ _READ_MODES = {
     "rgb": ImageReadMode.RGB,
 }
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_MAX_INDEX = 2**63 - 1  # the largest class index a batch of labels (an int64 tensor) can hold
 _MAX_LISTED = 20  # problems spelled out in one message; all of them are in `DatasetError.problems`
+# A file may hold at most this many bytes per pixel of its image, plus room for metadata: more
+# than any JPEG, PNG (16-bit RGBA stored uncompressed is 8), GIF or WebP of that size needs.
+_BYTES_PER_PIXEL = 16
+_METADATA_BYTES = 64 * 2**20
+# Open without blocking: a FIFO opened for reading waits for a writer (forever, if none comes).
+# O_BINARY: no newline translation where the C library has a text mode (Windows).
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class DatasetError(ValueError):
@@ -184,9 +201,12 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
     the first column is an image path relative to `img_dir`, the second its label; further
     columns are ignored, and so are blank lines and spaces around cells (the tutorial's
     `tshirt1.jpg, 0`). All rows are kept: the tutorial's `pd.read_csv` takes the first row of
-    its header-less `labels.csv` for a header and silently drops that image; here a header is
-    recognised only when its first cell has no file extension and names no file in `img_dir`
-    (`file,label` is a header, `tshirt1.jpg,0` is not), and `header=` can say so explicitly.
+    its header-less `labels.csv` for a header and silently drops that image. Here the first row
+    is data when it reads like data: its first cell has a file extension (`tshirt1.jpg`), or its
+    label is an integer, one of `classes`, or a name other rows use too. It is a header when its
+    label cannot be a label (`file_name,label` over integer labels, `path,class` when `classes=`
+    is given). Whether a file exists plays no part. When nothing tells (a first path without
+    extension, over class names no other row repeats), the dataset asks for `header=`.
 
     Labels are class indices (non-negative integers) or class names. With names, the classes
     are sorted and numbered as torchvision's `ImageFolder` numbers its folders, and exposed as
@@ -199,6 +219,14 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
     16-bit images are scaled to 8 bits). JPEG, GIF and WebP are decoded by
     `torchvision.io.decode_image`; PNG by Pillow, because torchvision's PNG decoder crashes
     the process (a segmentation fault, not an exception) on many corrupt files.
+
+    Before an image is decoded, its header is read: an image of more than `max_pixels` pixels
+    (a decompression bomb: a small file that decodes to gigabytes), an animation (GIF, APNG,
+    WebP) and a file larger than 16 bytes per pixel of its image plus 64 MiB are refused
+    without decoding or reading the rest. PNGs are decoded from the open file; other formats
+    are read once into one buffer. So one image costs at most about the file plus its decoded
+    pixels. The annotations file and images must be regular files: a FIFO or a device is
+    refused without being opened for a blocking read.
 
     Paths that lead outside `img_dir` (`../`, absolute paths, symlinks pointing out) are
     refused and never read. Problems in the CSV are all reported when the dataset is built;
@@ -214,6 +242,10 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
             or an integer index into them. By default the labels decide: all integers are
             indices, all names give `sorted(set(names))`.
         header: Whether the CSV's first row is a header; by default it is recognised as above.
+        max_pixels: The most pixels (width times height) an image may have; larger ones are
+            refused before decoding. The default, 89,478,485, is Pillow's `MAX_IMAGE_PIXELS`
+            (above it Pillow warns of a decompression bomb): 0.27 GB decoded in RGB. `None`
+            sets no limit.
 
     Attributes:
         samples: `(path relative to img_dir, class index)` for each image, in CSV order.
@@ -221,18 +253,23 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
         classes: The class names in index order, or `None` for integer labels without `classes=`.
         class_to_idx: Name to index, or `None` likewise.
         header: Whether the first row was taken for a header.
+        max_pixels: The pixel limit.
 
     Raises:
-        DatasetError: when building: `annotations_file` missing, unreadable, not UTF-8, or
-            without rows; `img_dir` not a folder; and, all listed together, rows with fewer
-            than two columns or an empty cell, labels that are neither an integer index nor a
-            known class (or that mix integers and names, or are numbers but not integers),
-            paths that are absolute or climb out of `img_dir`. When loading an image: the file
-            is missing, not a regular file, outside `img_dir` through a symlink, empty, in an
-            unsupported format, corrupt or truncated, or an animation.
-        ValueError: `mode` is not one of the modes above, or `classes` is empty or repeats a
-            name.
-        TypeError: `classes` is a string rather than a sequence of names.
+        DatasetError: when building: `annotations_file` missing, not a regular file (a FIFO,
+            a folder), a symlink loop, unreadable, not UTF-8, or without rows; `img_dir` not a
+            folder; a first row that may be a header or an image (pass `header=`); and, all
+            listed together, rows with fewer than two columns or an empty cell, labels that are
+            neither an integer index nor a known class (or that mix integers and names, or are
+            numbers but not integers, or are too large for an `int64`), paths that are absolute
+            or climb out of `img_dir`. When loading an image: the file is missing, not a regular
+            file, a symlink loop, outside `img_dir` through a symlink, empty, in an unsupported
+            format, corrupt or truncated, an animation, over `max_pixels`, or larger than its
+            image needs.
+        ValueError: `mode` is not one of the modes above, `classes` is empty or repeats a
+            name, or `max_pixels` is not positive.
+        TypeError: `classes` is a string rather than a sequence of names; `max_pixels` is not
+            an integer or `None`.
 
     Example:
         >>> import tempfile
@@ -259,6 +296,7 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
         mode: ImageMode = "unchanged",
         classes: Sequence[str] | None = None,
         header: bool | None = None,
+        max_pixels: int | None = 89_478_485,
     ) -> None:
         if mode not in _READ_MODES:
             raise ValueError(
@@ -269,23 +307,33 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
                 "CustomImageDataset(classes=...): expected a sequence of class names, "
                 f"got the string {classes!r}"
             )
+        if max_pixels is not None:
+            if isinstance(max_pixels, bool) or not isinstance(max_pixels, int):
+                raise TypeError(
+                    "CustomImageDataset(max_pixels=...): expected an int or None, got "
+                    f"{max_pixels!r}"
+                )
+            if max_pixels < 1:
+                raise ValueError(
+                    f"CustomImageDataset(max_pixels=...): expected at least 1, got {max_pixels}"
+                )
         self.annotations_file = Path(annotations_file)
         self.img_dir = Path(img_dir)
         self.transform = transform
         self.target_transform = target_transform
         self.mode: ImageMode = mode
-        if not self.img_dir.is_dir():
-            raise DatasetError(f"{self.img_dir}: the image folder (img_dir) does not exist")
-        self._root = self.img_dir.resolve()
+        self.max_pixels = max_pixels
+        self._root = _folder(self.img_dir)
 
         rows = _read_csv(self.annotations_file)
-        first = rows[0]
-        self.header = _looks_like_header(first[1], self._root) if header is None else header
+        first = rows[0][1]
+        self.header = _is_header(rows, classes, self.annotations_file) if header is None else header
         if self.header:
             rows = rows[1:]
             if not rows:
                 raise DatasetError(
-                    f"{self.annotations_file}: only a header row ({','.join(first[1])}), no images"
+                    f"{self.annotations_file}: only a header row ({','.join(first)}), no images; "
+                    "pass header=False if that row is an image"
                 )
         problems: dict[int, str] = {}  # line -> what is wrong with it
         parsed: list[tuple[int, str, str]] = []  # (line, path, label)
@@ -335,9 +383,10 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
         """Check every image of the CSV and report all problems at once.
 
         Args:
-            decode: Also decode every image (slower), which finds corrupt, truncated and
-                unsupported files; by default only checks that each file exists inside
-                `img_dir` and is a non-empty regular file.
+            decode: Also decode every image (slower), which finds corrupt and truncated
+                files; by default each file is checked to be a non-empty regular file inside
+                `img_dir`, and its header is read: a supported format, a still image, within
+                `max_pixels`, no larger than its image needs.
 
         Raises:
             DatasetError: listing every problem found (the first few in the message, all of
@@ -360,7 +409,8 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
                 if decode:
                     self._read_image(idx)
                 else:
-                    self._check_file(idx)
+                    with self._open_image(idx):
+                        pass
             except DatasetError as err:
                 problems.append(str(err))
         if problems:
@@ -377,58 +427,252 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
         line = self._lines[idx]
         return f"{self.img_dir / self.samples[idx][0]} ({self.annotations_file}, line {line})"
 
-    def _check_file(self, idx: int) -> Path:
-        """The image's real path, checked to be a non-empty regular file inside `img_dir`."""
+    def _open_image(self, idx: int) -> _ImageFile:
+        """The image file opened, its header checked against the limits; nothing decoded."""
         where = self._where(idx)
-        path = (self._root / self.samples[idx][0]).resolve()
+        try:
+            path = (self._root / self.samples[idx][0]).resolve()
+        except RuntimeError:  # pathlib before Python 3.13 raises this for a symlink loop
+            raise DatasetError(f"{where}: a symlink loop; refused") from None
+        except OSError as err:  # later ones may raise ELOOP, or leave it to the open below
+            if err.errno == errno.ELOOP:
+                raise DatasetError(f"{where}: a symlink loop; refused") from None
+            raise DatasetError(f"{where}: cannot read the file: {err.strerror or err}") from err
         if not path.is_relative_to(self._root):
             raise DatasetError(
                 f"{where}: a symlink leads outside the image folder (to {path}); refused"
             )
+        file = _open_regular(path, where, "file")
         try:
-            info = path.stat()
-        except FileNotFoundError:
-            raise DatasetError(f"{where}: file not found") from None
-        except OSError as err:
-            raise DatasetError(f"{where}: cannot read: {err.strerror or err}") from err
-        if not stat.S_ISREG(info.st_mode):
-            raise DatasetError(f"{where}: not a regular file")
-        if info.st_size == 0:
-            raise DatasetError(f"{where}: empty file")
-        return path
+            if os.fstat(file.fileno()).st_size == 0:
+                raise DatasetError(f"{where}: empty file")
+            return _check_header(file, where, self.max_pixels)
+        except BaseException:
+            file.close()
+            raise
 
     def _read_image(self, idx: int) -> Tensor:
-        path = self._check_file(idx)
         where = self._where(idx)
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise DatasetError(f"{where}: cannot read: {err.strerror or err}") from err
-        kind = _image_kind(data)
-        if kind is None:
-            raise DatasetError(
-                f"{where}: unsupported image format (starts with {data[:8]!r}); "
-                "CustomImageDataset reads JPEG, PNG, GIF and WebP"
-            )
-        try:
-            if kind == "PNG":
-                image = _decode_png(data, self.mode)
-            else:
-                buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                image = decode_image(buffer, _READ_MODES[self.mode])
-        except Image.DecompressionBombError as err:
-            raise DatasetError(f"{where}: too large to decode safely: {err}") from err
-        except (RuntimeError, ValueError, OSError, SyntaxError, EOFError) as err:
-            reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err))  # drop the C++ source location
-            raise DatasetError(f"{where}: corrupt or truncated {kind}: {reason}") from err
-        if image.ndim == 4:
-            if image.shape[0] != 1:
+        with self._open_image(idx) as image:
+            try:
+                if image.kind == "PNG":
+                    tensor = _decode_png(image.file, self.mode)
+                else:
+                    tensor = decode_image(image.read_all(), _READ_MODES[self.mode])
+            # Image.open turns the last three into "cannot identify image file"; here they are the
+            # PNG plugin's, called directly.
+            except (
+                RuntimeError,
+                ValueError,
+                OSError,
+                SyntaxError,
+                EOFError,
+                IndexError,
+                TypeError,
+                struct.error,
+            ) as err:
+                reason = re.sub(r"^\w+, \S+:\d+, ", "", str(err))  # drop the C++ source location
+                raise DatasetError(f"{where}: corrupt or truncated {image.kind}: {reason}") from err
+        if tensor.ndim == 4:  # the header said one frame; a decoder that disagrees is not trusted
+            if tensor.shape[0] != 1:
                 raise DatasetError(
-                    f"{where}: an animation of {image.shape[0]} frames; "
+                    f"{where}: an animation of {tensor.shape[0]} frames; "
                     "CustomImageDataset reads still images"
                 )
-            image = image[0]
-        return _channels(image, self.mode)
+            tensor = tensor[0]
+        return _channels(tensor, self.mode)
+
+
+class _ImageFile:
+    """An open image file whose header has been read: its format, size and frame count."""
+
+    def __init__(self, file: io.BufferedReader, kind: str, size: int) -> None:
+        self.file, self.kind, self.size = file, kind, size
+
+    def read_all(self) -> Tensor:
+        """The whole file in one `uint8` tensor, read into it without an intermediate copy."""
+        buffer = torch.empty(self.size, dtype=torch.uint8)
+        view, done = buffer.numpy().data, 0
+        self.file.seek(0)
+        while done < self.size and (n := self.file.readinto(view[done:])):
+            done += n
+        return buffer[:done]
+
+    def __enter__(self) -> _ImageFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+
+def _open_regular(path: Path, where: str, noun: str) -> io.BufferedReader:
+    """`path` opened for reading, if it is a regular file; a FIFO or a device is never opened."""
+    try:
+        info = path.stat()
+        if stat.S_ISREG(info.st_mode):
+            file = open(os.open(path, _OPEN_FLAGS), "rb")  # noqa: SIM115
+            info = os.fstat(file.fileno())  # what was opened, if the path changed meanwhile
+            if not stat.S_ISREG(info.st_mode):
+                file.close()
+    except FileNotFoundError:
+        raise DatasetError(f"{where}: {noun} not found") from None
+    except ValueError as err:  # "embedded null byte"
+        raise DatasetError(f"{where}: cannot open the {noun}: {err}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DatasetError(f"{where}: a symlink loop; refused") from None
+        raise DatasetError(f"{where}: cannot read the {noun}: {err.strerror or err}") from err
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _FILE_KINDS if test(info.st_mode)), "special file")
+        raise DatasetError(f"{where}: the {noun} is {kind}, not a regular file; refused")
+    return file
+
+
+def _check_header(file: io.BufferedReader, where: str, max_pixels: int | None) -> _ImageFile:
+    """Read the image's header: its format, size and frames; refuse what is over the limits."""
+    size = os.fstat(file.fileno()).st_size
+    head = file.read(32)
+    kind = _image_kind(head)
+    if kind is None:
+        raise DatasetError(
+            f"{where}: unsupported image format (starts with {head[:8]!r}); "
+            "CustomImageDataset reads JPEG, PNG, GIF and WebP"
+        )
+    try:
+        width, height = _dimensions(file, kind, head)
+        _check_pixels(width, height, where, max_pixels)
+        most = _BYTES_PER_PIXEL * width * height + _METADATA_BYTES
+        if size > most:
+            raise DatasetError(
+                f"{where}: a file of {size:,} bytes for a {width}x{height} image, more than any "
+                f"{kind} of that size needs (at most {most:,}); refused without reading it"
+            )
+        frames, width, height = _frames(file, kind, head, width, height)
+        _check_pixels(width, height, where, max_pixels)  # a GIF's frames may extend its screen
+    except DatasetError:
+        raise
+    except (ValueError, IndexError, struct.error) as err:  # a header cut short or nonsensical
+        raise DatasetError(f"{where}: corrupt or truncated {kind}: {err}") from err
+    if frames > 1:
+        raise DatasetError(
+            f"{where}: an animation of {frames} frames; CustomImageDataset reads still images"
+        )
+    return _ImageFile(file, kind, size)
+
+
+def _check_pixels(width: int, height: int, where: str, max_pixels: int | None) -> None:
+    if width < 1 or height < 1:
+        raise DatasetError(f"{where}: corrupt image: its header says {width}x{height} pixels")
+    if max_pixels is not None and width * height > max_pixels:
+        raise DatasetError(
+            f"{where}: {width}x{height} = {width * height:,} pixels, over max_pixels="
+            f"{max_pixels:,}; refused before decoding (a decompression bomb? if the image is "
+            "real, pass a larger max_pixels= to CustomImageDataset)"
+        )
+
+
+def _dimensions(file: io.BufferedReader, kind: str, head: bytes) -> tuple[int, int]:
+    """Width and height from the header, without decoding (a bad header: ValueError)."""
+    if kind == "PNG":
+        if len(head) < 24:
+            raise ValueError("the header ends early")
+        if head[12:16] != b"IHDR":
+            raise ValueError("no IHDR chunk after the signature")
+        width, height = _fields(">II", head[16:24])
+        return width, height
+    if kind == "GIF":
+        width, height = _fields("<HH", head[6:10])
+        return width, height
+    if kind == "WebP":
+        chunk = head[12:16]
+        if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+            width, height = _fields("<HH", head[26:30])
+            return width & 0x3FFF, height & 0x3FFF
+        if chunk == b"VP8L" and head[20:21] == b"\x2f":
+            (bits,) = _fields("<I", head[21:25])
+            return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+        if chunk == b"VP8X" and len(head) >= 30:
+            return _le24(head[24:27]) + 1, _le24(head[27:30]) + 1
+        raise ValueError(f"no VP8, VP8L or VP8X chunk where expected (found {chunk!r})")
+    # JPEG: walk the marker segments up to the frame header (SOFn), skipping their contents
+    file.seek(2)
+    while file.tell() <= _METADATA_BYTES:
+        marker = file.read(2)
+        for _ in range(_MAX_FILL):  # fill bytes may precede a marker
+            if marker != b"\xff\xff":
+                break
+            marker = marker[1:] + file.read(1)
+        if len(marker) < 2 or marker[0] != 0xFF or marker[1] == 0xFF:
+            raise ValueError(f"no marker at byte {file.tell() - len(marker)}")
+        code = marker[1]
+        if code == 0x01 or 0xD0 <= code <= 0xD7:  # markers without a segment
+            continue
+        if code in (0xD9, 0xDA):
+            raise ValueError("no frame header (SOF) before the image data")
+        (length,) = _fields(">H", file.read(2))
+        if code in _SOF:
+            _, height, width = _fields(">BHH", file.read(5))
+            return width, height
+        file.seek(length - 2, io.SEEK_CUR)
+    raise ValueError(f"no frame header (SOF) in the first {_METADATA_BYTES:,} bytes")
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_MAX_FILL = 1024  # fill bytes before one JPEG marker; encoders write a few at most
+
+
+def _fields(layout: str, data: bytes) -> tuple[int, ...]:
+    if len(data) != struct.calcsize(layout):
+        raise ValueError("the header ends early")
+    return tuple(int(value) for value in struct.unpack(layout, data))
+
+
+def _le24(data: bytes) -> int:
+    return int.from_bytes(data, "little")
+
+
+def _frames(
+    file: io.BufferedReader, kind: str, head: bytes, width: int, height: int
+) -> tuple[int, int, int]:
+    """The frame count, and the size that holds every frame (a GIF's frames may be larger)."""
+    frames = 1
+    if kind == "PNG":  # an APNG gives its frame count in an acTL chunk before the image data
+        file.seek(8)
+        while len(chunk := file.read(8)) == 8:
+            length, name = struct.unpack(">I4s", chunk)
+            if name in (b"IDAT", b"IEND"):
+                break
+            if name == b"acTL":
+                (frames,) = _fields(">I", file.read(4))
+                break
+            file.seek(length + 4, io.SEEK_CUR)  # the chunk's data and its CRC
+    elif kind == "WebP" and head[12:16] == b"VP8X" and head[20] & 0x02:  # the animation flag
+        frames, pos = 0, 12
+        while file.seek(pos) == pos and len(chunk := file.read(8)) == 8:
+            name, length = struct.unpack("<4sI", chunk)
+            frames += name == b"ANMF"
+            pos += 8 + length + (length & 1)
+    elif kind == "GIF":  # count the image descriptors, skipping every block's data
+        frames = 0
+        file.seek(10)
+        flags = file.read(3)[0]
+        if flags & 0x80:  # a global colour table
+            file.seek(3 << ((flags & 7) + 1), io.SEEK_CUR)
+        while (block := file.read(1)) not in (b"", b";"):
+            if block == b"!":  # an extension: its label, then data sub-blocks
+                file.read(1)
+            elif block == b",":  # an image: descriptor, colour table, LZW code size, data
+                x, y, w, h, flags = _fields("<HHHHB", file.read(9))
+                frames += 1
+                width, height = max(width, x + w), max(height, y + h)
+                if flags & 0x80:
+                    file.seek(3 << ((flags & 7) + 1), io.SEEK_CUR)
+                file.read(1)
+            else:
+                break  # not a GIF block: the decoder says what is wrong
+            while (n := file.read(1)) not in (b"", b"\0"):
+                file.seek(n[0], io.SEEK_CUR)
+    return max(frames, 1), width, height
 
 
 def _channels(image: Tensor, mode: ImageMode) -> Tensor:
@@ -441,12 +685,14 @@ def _channels(image: Tensor, mode: ImageMode) -> Tensor:
     return image
 
 
-def _decode_png(data: bytes, mode: ImageMode) -> Tensor:
-    """Decode a PNG with Pillow into a `uint8` tensor `C x H x W` of the channels `mode` asks."""
-    with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+def _decode_png(file: io.BufferedReader, mode: ImageMode) -> Tensor:
+    """Decode a PNG with Pillow from the open file into a `uint8` tensor `C x H x W`."""
+    file.seek(0)
+    # The plugin class itself, not Image.open: `max_pixels` is the limit, not Pillow's global one.
+    with PngImagePlugin.PngImageFile(file) as im:
         im.load()
         if im.mode.startswith("I"):  # 16-bit gray: keep the high byte, as decode_image scales
-            array = (np.array(im, dtype=np.uint32) >> 8).astype(np.uint8)
+            array = (np.asarray(im) >> 8).astype(np.uint8)
             if mode == "rgb":
                 array = np.repeat(array[..., None], 3, axis=-1)
         else:
@@ -469,14 +715,31 @@ _UNCHANGED = {
 }
 
 
+def _folder(img_dir: Path) -> Path:
+    """`img_dir` resolved, checked to be a folder."""
+    where = f"{img_dir}: the image folder (img_dir)"
+    try:
+        info = img_dir.stat()
+    except FileNotFoundError:
+        raise DatasetError(f"{where} does not exist") from None
+    except ValueError as err:  # "embedded null byte"
+        raise DatasetError(f"{where} cannot be opened: {err}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DatasetError(f"{where} is a symlink loop") from None
+        raise DatasetError(f"{where} cannot be read: {err.strerror or err}") from err
+    if not stat.S_ISDIR(info.st_mode):
+        raise DatasetError(f"{where} is not a folder")
+    return img_dir.resolve()
+
+
 def _read_csv(csv_path: Path) -> list[tuple[int, list[str]]]:
     """`(line number, stripped cells)` of each non-blank row; errors name the file and line."""
-    try:
-        data = csv_path.read_bytes()
-    except FileNotFoundError:
-        raise DatasetError(f"{csv_path}: annotations file not found") from None
-    except OSError as err:
-        raise DatasetError(f"{csv_path}: cannot read the annotations file: {err}") from err
+    with _open_regular(csv_path, str(csv_path), "annotations file") as file:
+        try:
+            data = file.read()
+        except OSError as err:
+            raise DatasetError(f"{csv_path}: cannot read the annotations file: {err}") from err
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -502,11 +765,28 @@ def _read_csv(csv_path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def _looks_like_header(cells: list[str], root: Path) -> bool:
-    # A header names its column ("file", "image_path"); a data row names a file ("a.png").
-    first = cells[0]
-    rel = _relative_path(first) if first else None
-    return rel is not None and not Path(first).suffix and not (root / rel).is_file()
+def _is_header(
+    rows: list[tuple[int, list[str]]], classes: Sequence[str] | None, csv_path: Path
+) -> bool:
+    """Whether the first row is a header, from what the rows say (never from the disk)."""
+    first = rows[0][1]
+    if len(first) < 2 or not first[0] or not first[1]:
+        return False  # a broken row: reported as such
+    if Path(first[0]).suffix or _index(first[1]) is not None:
+        return False  # a file name ("a.png"), or an integer label: data
+    if classes is not None:
+        return first[1] not in classes
+    labels = {cells[1] for _, cells in rows[1:] if len(cells) >= 2}
+    if all(_index(label) is not None for label in labels):
+        return True  # "file_name,label" over integer labels
+    if first[1] in labels:
+        return False  # a class name other rows use: data
+    # "path,class" or "img0,cat" over class names: nothing in the rows tells which
+    raise DatasetError(
+        f"{csv_path}, line 1: {','.join(first)!r} may be a header or an image ({first[0]!r} of "
+        f"class {first[1]!r}): its path has no file extension and its label is a name no other "
+        "row uses; pass header=True or header=False"
+    )
 
 
 def _relative_path(cell: str) -> str | None:
@@ -517,6 +797,19 @@ def _relative_path(cell: str) -> str | None:
     if normal == os.pardir or normal.startswith(os.pardir + os.sep):
         return None
     return normal
+
+
+def _index(label: str) -> int | None:
+    """The integer `label` spells (`3`, `+3`, `007`), else `None`; one past int64 if larger."""
+    if not _INTEGER.fullmatch(label):
+        return None
+    if len(label.lstrip("+-").lstrip("0")) > len(str(_MAX_INDEX)):  # int() refuses 4300 digits
+        return -_MAX_INDEX - 2 if label.startswith("-") else _MAX_INDEX + 1
+    return int(label)
+
+
+def _clip(label: str) -> str:
+    return label if len(label) <= 40 else f"{label[:20]}...{label[-10:]} ({len(label)} characters)"
 
 
 def _labels(
@@ -532,39 +825,47 @@ def _labels(
             )
         to_idx = {name: i for i, name in enumerate(names)}
         for line, _, label in rows:
+            index = _index(label)
             if label in to_idx:
                 targets.append(to_idx[label])
-            elif _INTEGER.fullmatch(label) and 0 <= int(label) < len(names):
-                targets.append(int(label))
+            elif index is not None and 0 <= index < len(names):
+                targets.append(index)
             else:
                 problems[line] = (
-                    f"label {label!r} is neither an integer in [0, {len(names)}) nor one of "
-                    f"the classes {_short(names)}"
+                    f"label {_clip(label)!r} is neither an integer in [0, {len(names)}) nor one "
+                    f"of the classes {_short(names)}"
                 )
         return names, to_idx, targets
 
-    integer = [bool(_INTEGER.fullmatch(label)) for _, _, label in rows]
-    if all(integer):
-        for line, _, label in rows:
-            if int(label) < 0:
-                problems[line] = f"label {label} is negative; class indices start at 0"
-            targets.append(int(label))
+    indices = [_index(label) for _, _, label in rows]
+    if all(index is not None for index in indices):
+        for (line, _, label), index in zip(rows, indices, strict=True):
+            assert index is not None
+            if index < 0:
+                problems[line] = f"label {_clip(label)} is negative; class indices start at 0"
+            elif index > _MAX_INDEX:
+                problems[line] = (
+                    f"label {_clip(label)} is too large for a class index (at most 2**63 - 1, "
+                    "what a batch of labels, an int64 tensor, holds)"
+                )
+            targets.append(index)
         return None, None, targets
+    integer = [index is not None for index in indices]
     if any(integer):  # report the fewer kind: that is where the typos are
         odd = sum(integer) <= len(rows) / 2
         for (line, _, label), is_int in zip(rows, integer, strict=True):
             if is_int == odd:
                 problems[line] = (
-                    f"label {label!r} is {'an integer' if odd else 'not an integer'}, but most "
-                    f"labels are {'names' if odd else 'integers'}; pass classes=[...] if the "
-                    "labels are class names"
+                    f"label {_clip(label)!r} is {'an integer' if odd else 'not an integer'}, but "
+                    f"most labels are {'names' if odd else 'integers'}; pass classes=[...] if "
+                    "the labels are class names"
                 )
         return None, None, []
     for line, _, label in rows:
         if _is_number(label):
             problems[line] = (
-                f"label {label!r} is a number but not an integer; labels are integer class "
-                "indices or class names"
+                f"label {_clip(label)!r} is a number but not an integer; labels are integer "
+                "class indices or class names"
             )
     names = sorted({label for _, _, label in rows})
     to_idx = {name: i for i, name in enumerate(names)}
