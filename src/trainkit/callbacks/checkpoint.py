@@ -202,7 +202,10 @@ class ModelCheckpoint(Callback):
                     f"records {sorted(values)}"
                 )
             parts.append(_safe(f"{field}={format(values[field], spec)}"))
-        return "".join(parts) + (".safetensors" if self.save_weights_only else ".ckpt")
+        name = "".join(parts)
+        if name.startswith("."):  # a field whose name starts with '.': no hidden files
+            name = "_" + name[1:]
+        return name + (".safetensors" if self.save_weights_only else ".ckpt")
 
     def on_fit_start(self, state: TrainState) -> None:
         # (reserved: the check of the monitor's name against what fit records goes here)
