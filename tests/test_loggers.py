@@ -343,6 +343,10 @@ def test_a_file_that_is_not_a_csv_log_is_left_untouched(
     with pytest.raises(ValueError, match=r"epoch is 'last', not a number"):
         run(tabular, 1, [CSVLogger(path)])
     assert path.read_text() == "epoch,train_loss\n0,1.0\nlast,0.5\n"
+    path.write_text("epoch,train_loss\n1,1.0\n2,0.5,7\n")
+    with pytest.raises(ValueError, match=r"line 3 has more fields than its header"):
+        run(tabular, 1, [CSVLogger(path)])
+    assert path.read_text() == "epoch,train_loss\n1,1.0\n2,0.5,7\n"
 
 
 def test_an_empty_existing_file_is_a_new_log(

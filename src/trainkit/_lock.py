@@ -58,8 +58,16 @@ class DirectoryLock:
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # its holder released (and removed) it between our open and lock: again
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        try:  # who holds it, for the message that refuses another run
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        except OSError as err:
+            _unlock(fd)
+            os.close(fd)
+            raise OSError(
+                err.errno, f"{self.owner}: cannot write the lock file ({err.strerror})",
+                str(self.path),
+            ) from err  # fmt: skip
         self._fd = fd
 
     def release(self) -> None:

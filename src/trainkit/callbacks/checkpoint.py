@@ -208,7 +208,7 @@ class ModelCheckpoint(Callback):
         return name + (".safetensors" if self.save_weights_only else ".ckpt")
 
     def on_fit_start(self, state: TrainState) -> None:
-        # (reserved: the check of the monitor's name against what fit records goes here)
+        # <- reserved: the check of the monitor's name against what fit records (#16, 2)
 
         if not is_main_process():  # under a process group only rank 0 writes
             return

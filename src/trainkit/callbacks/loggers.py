@@ -112,9 +112,16 @@ class CSVLogger(Callback):
                 f"(its header {fields[:5]} has no 'epoch' column); it is left untouched. "
                 "Choose another path or remove the file."
             )
-        rows = list(reader)
-        for row in rows:
-            _epoch_of(row, self.path)  # every row's epoch is a number, checked before any write
+        rows = []
+        for row in reader:  # each row checked before anything is written
+            if None in row:
+                raise ValueError(
+                    f"CSVLogger(path=...): {str(self.path)!r} line {reader.line_num} has more "
+                    "fields than its header; it is left untouched. Choose another path or fix "
+                    "the file."
+                )
+            _epoch_of(row, self.path)
+            rows.append(row)
         return fields, rows
 
     def _rewrite(self, fields: list[str], rows: list[dict[str, str]]) -> None:
