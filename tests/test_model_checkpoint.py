@@ -37,6 +37,7 @@ from trainkit import (
     load_weights,
     save_checkpoint,
 )
+from trainkit._lock import DirectoryLock
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(trainkit.__file__).parents[1])}
 LOCK = ".trainkit.lock"
@@ -236,6 +237,24 @@ def test_a_second_run_in_the_same_process_is_refused_too(tmp_path: Path) -> None
     assert len(inner) == 1
     assert f"(pid {os.getpid()}, this very process" in str(inner[0])
     assert names(tmp_path) == ["last.ckpt"]
+
+
+def test_the_directory_lock_itself(tmp_path: Path) -> None:
+    first, second = DirectoryLock(tmp_path, "A"), DirectoryLock(tmp_path, "B")
+    first.acquire()
+    assert (tmp_path / LOCK).read_text().split()[0] == str(os.getpid())
+    with pytest.raises(RuntimeError, match=r"^B: .* is in use by another run \(pid \d+, this very"):
+        second.acquire()
+    assert first.held and not second.held
+    first.release()
+    assert not (tmp_path / LOCK).exists()
+    second.acquire()  # free again
+    second.release()
+    second.release()  # releasing twice is harmless
+    (tmp_path / LOCK).write_text("999999999 elsewhere\n")  # a stale file: not locked by anyone
+    first.acquire()
+    assert (tmp_path / LOCK).read_text().split()[0] == str(os.getpid())
+    first.release()
 
 
 def test_two_threads_saving_the_same_path_never_raise_nor_mix(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ class DirectoryLock:
 
         Raises:
             RuntimeError: another live run holds the lock (its pid and host are named).
-            OSError: the lock file cannot be created (the message names it).
+            OSError: the lock file cannot be created, written or locked (the message names it).
         """
         while True:
             try:
@@ -47,7 +47,15 @@ class DirectoryLock:
                     err.errno, f"{self.owner}: cannot create the lock file ({err.strerror})",
                     str(self.path),
                 ) from err  # fmt: skip
-            if not _try_lock(fd):
+            try:
+                locked = _try_lock(fd)
+            except OSError as err:  # a file system without locks (some network or FUSE mounts)
+                os.close(fd)
+                raise OSError(
+                    err.errno, f"{self.owner}: cannot lock the directory ({err.strerror}); "
+                    "this file system may not support file locks", str(self.path),
+                ) from err  # fmt: skip
+            if not locked:
                 os.close(fd)
                 raise RuntimeError(
                     f"{self.owner}: {str(self.directory)!r} is in use by another run "
