@@ -317,6 +317,28 @@ def test_ties_with_two_kept_drop_the_older_of_the_tied(tmp_path: Path) -> None:
     ]
 
 
+def test_a_tie_across_a_resume_keeps_the_newer_too(tmp_path: Path) -> None:
+    class CrashAfter(Callback):
+        order = 150  # after ModelCheckpoint saved the epoch
+
+        def on_epoch_end(self, state: TrainState) -> None:
+            if state.epoch + 1 == 4:
+                raise RuntimeError("crash after epoch 4")
+
+    with pytest.raises(RuntimeError, match="crash after epoch 4"):
+        train(10, [Scripted(TIES), ModelCheckpoint(tmp_path), CrashAfter()])
+    assert names(tmp_path) == ["epoch=4-val_loss=0.5000.ckpt", "last.ckpt"]
+    mc = ModelCheckpoint(tmp_path)
+    train(10, [Scripted(TIES), mc], resume=tmp_path)
+    assert names(tmp_path) == ["epoch=10-val_loss=0.4000.ckpt", "last.ckpt"]
+    mc5 = ModelCheckpoint(tmp_path / "b", save_top_k=2)
+    with pytest.raises(RuntimeError, match="crash after epoch 4"):
+        train(10, [Scripted(TIES), mc5, CrashAfter()])
+    mc5 = ModelCheckpoint(tmp_path / "b", save_top_k=2)
+    train(5, [Scripted(TIES), mc5], resume=tmp_path / "b")
+    assert [n[:7] for _, n in mc5.best] == ["epoch=5", "epoch=4"]
+
+
 def reference_kept(scores: list[float], k: int) -> list[int]:
     """Epochs kept: the k best, the newer of equal scores first (as Ignite's
     `greater_or_equal=True`); NaN never; `k=-1` every epoch."""
