@@ -305,7 +305,7 @@ def test_model_checkpoint_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(mode=...\)"):
         ModelCheckpoint(tmp_path, mode="best")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(save_top_k=...\)"):
-        ModelCheckpoint(tmp_path, save_top_k=-1)
+        ModelCheckpoint(tmp_path, save_top_k=-2)
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(every_n_steps=...\)"):
         ModelCheckpoint(tmp_path, every_n_steps=0)
     model = small()

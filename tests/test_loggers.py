@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,11 @@ from torch.utils.data import TensorDataset
 import trainkit
 from trainkit import (
     Callback,
+    CheckpointError,
     CSVLogger,
     EarlyStopping,
     History,
+    ModelCheckpoint,
     StopTraining,
     TensorBoardLogger,
     TrainState,
@@ -64,6 +67,7 @@ def run(
     *,
     seed: int = 0,
     metrics: bool = True,
+    resume: Path | str | None = None,
 ) -> History:
     torch.manual_seed(seed)
     train_dl, valid_dl = get_data(*tabular, bs=64)
@@ -79,6 +83,7 @@ def run(
         metrics=[accuracy] if metrics else [],
         callbacks=callbacks,
         progress=False,
+        resume=resume,
     )
 
 
@@ -161,6 +166,133 @@ def test_resume_after_a_crash_continues_the_same_file(
     assert rows[3:] == resumed.records[3:]
 
 
+def test_csv_keeps_every_earlier_epoch_across_fit_resume(
+    tabular: tuple[TensorDataset, TensorDataset], tmp_path: Path
+) -> None:
+    """2 epochs, then resume to 4: the file holds epochs 1-4, each once (#17, 1)."""
+    path, ck = tmp_path / "log.csv", tmp_path / "ck"
+    first = run(tabular, 2, [CSVLogger(path), ModelCheckpoint(ck)])
+    second = run(tabular, 4, [CSVLogger(path), ModelCheckpoint(ck)], seed=1, resume=ck)
+    rows = as_floats(read_csv(path)[1])
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert rows[:2] == first.records  # kept from the first run
+    assert rows == second.records  # the resumed run's History holds them too
+
+
+def test_csv_resume_writes_an_epoch_trained_again_once(
+    tabular: tuple[TensorDataset, TensorDataset], tmp_path: Path
+) -> None:
+    """Epoch 3 was logged, then the run died before its checkpoint: resumed from the end of
+    epoch 2, epoch 3 is trained again and its row replaced, not doubled."""
+    path, ck = tmp_path / "log.csv", tmp_path / "ck"
+    with pytest.raises(RuntimeError, match="crash after epoch 2"):
+        run(tabular, 4, [CSVLogger(path), ModelCheckpoint(ck), FailAt(2)])
+    assert [row["epoch"] for row in read_csv(path)[1]] == ["1", "2", "3"]
+    first = as_floats(read_csv(path)[1])
+    second = run(tabular, 4, [CSVLogger(path), ModelCheckpoint(ck)], resume=ck)
+    rows = as_floats(read_csv(path)[1])
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert rows[:2] == first[:2]
+    assert rows[2:] == second.records[2:]
+
+
+def test_tensorboard_keeps_every_earlier_epoch_across_fit_resume(
+    tabular: tuple[TensorDataset, TensorDataset], tmp_path: Path
+) -> None:
+    """2 epochs, then resume to 4: steps 1-4, each once (#17, 1)."""
+    tb, ck = tmp_path / "tb", tmp_path / "ck"
+    first = run(tabular, 2, [TensorBoardLogger(tb), ModelCheckpoint(ck)])
+    second = run(tabular, 4, [TensorBoardLogger(tb), ModelCheckpoint(ck)], seed=1, resume=ck)
+    for tag, points in scalars(tb).items():
+        assert [step for step, _ in points] == [1, 2, 3, 4], tag
+        assert [v for _, v in points] == pytest.approx(second[tag], rel=1e-6), tag
+        assert [v for _, v in points][:2] == pytest.approx(first[tag], rel=1e-6), tag
+
+
+def test_a_failed_start_changes_nothing_on_disk(
+    tabular: tuple[TensorDataset, TensorDataset],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fit(resume="typo") raises CheckpointError; the existing log keeps its rows (#17, 2)."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "log.csv"
+    run(tabular, 3, [CSVLogger(path), TensorBoardLogger(tmp_path / "tb")])
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"fit\(resume='typo'\): no such file or directory"):
+        run(
+            tabular,
+            3,
+            [CSVLogger(path), TensorBoardLogger(tmp_path / "tb"), CSVLogger("new/log.csv")],
+            resume="typo",
+        )
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert [row["epoch"] for row in read_csv(path)[1]] == ["1", "2", "3"]
+    assert not (tmp_path / "new").exists()
+
+
+# A child process whose file-size limit stands for a full disk: a write past it fails with
+# EFBIG (SIGXFSZ ignored), part of it written, as a write to a full disk does.
+DISK_FULL = """
+import os, resource, signal, sys
+import torch, torch.nn.functional as F
+from trainkit import Callback, CSVLogger, fit
+
+path, at, room = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+class FillDisk(Callback):
+    order = -6  # just before the logger
+
+    def on_epoch_end(self, state):
+        if state.epoch + 1 == at:
+            size = os.path.getsize(path) if os.path.exists(path) else 0
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size + room, resource.RLIM_INFINITY))
+
+torch.manual_seed(0)
+dl = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))] * 2
+model = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+fit(5, model, F.cross_entropy, opt, dl, dl, callbacks=[FillDisk(), CSVLogger(path)],
+    progress=False)
+"""
+
+
+def run_disk_full(tmp_path: Path, path: Path, at: int, room: int) -> str:
+    script = tmp_path / "disk_full.py"
+    script.write_text(DISK_FULL)
+    result = subprocess.run(
+        [sys.executable, str(script), str(path), str(at), str(room)],
+        env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    return result.stderr
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_while_appending_leaves_whole_rows_only(tmp_path: Path) -> None:
+    path = tmp_path / "log.csv"
+    err = run_disk_full(tmp_path, path, at=3, room=20)  # 20 bytes of room: part of row 3
+    assert re.search(r"CSVLogger\(path=\.\.\.\) cannot append to the log \(File too large\)", err)
+    text = path.read_text()
+    assert text.endswith("\n")
+    assert [row["epoch"] for row in read_csv(path)[1]] == ["1", "2"]
+    assert all(len(row) == 5 and "" not in row.values() for row in read_csv(path)[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk_full.py", "log.csv"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+def test_a_full_disk_while_rewriting_leaves_the_old_log_and_no_temporary_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "log.csv"
+    path.write_text("epoch,train_loss\n1,0.5\n2,0.25\n")  # an earlier run's log
+    err = run_disk_full(tmp_path, path, at=1, room=-20)  # not even room for the header
+    assert "CSVLogger(path=...) cannot write the log (File too large)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk_full.py", "log.csv"]
+    assert path.read_text() == "epoch,train_loss\n1,0.5\n2,0.25\n"
+
+
 def test_a_new_figure_adds_a_column(
     tabular: tuple[TensorDataset, TensorDataset], tmp_path: Path
 ) -> None:
@@ -211,6 +343,10 @@ def test_a_file_that_is_not_a_csv_log_is_left_untouched(
     with pytest.raises(ValueError, match=r"epoch is 'last', not a number"):
         run(tabular, 1, [CSVLogger(path)])
     assert path.read_text() == "epoch,train_loss\n0,1.0\nlast,0.5\n"
+    path.write_text("epoch,train_loss\n1,1.0\n2,0.5,7\n")
+    with pytest.raises(ValueError, match=r"line 3 has more fields than its header"):
+        run(tabular, 1, [CSVLogger(path)])
+    assert path.read_text() == "epoch,train_loss\n1,1.0\n2,0.5,7\n"
 
 
 def test_an_empty_existing_file_is_a_new_log(

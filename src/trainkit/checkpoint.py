@@ -12,6 +12,8 @@ import contextlib
 import os
 import pickle
 import random
+import secrets
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,7 +419,9 @@ def _atomic_save(payload: Any, path: Path) -> Path:
 
 def _atomic_write(path: Path, write: Any) -> Path:
     """Write through a temporary file in the same directory, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # unique per process, thread and call: two writers of one path never share a temporary file
+    unique = f"{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{path.name}.{unique}.tmp")
     try:
         with open(tmp, "wb") as f:
             writer = _Writer(f)

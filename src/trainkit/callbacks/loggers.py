@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import os
 from pathlib import Path
@@ -24,23 +26,28 @@ class CSVLogger(Callback):
     The file mirrors the run: a header (`epoch,train_loss,val_loss,...,lr,seconds`), then one
     row per epoch, written and flushed at the end of each epoch so that a crash loses nothing
     already recorded. Values are written in full precision (`float("0.1234...")` reads them
-    back exactly); a figure an epoch lacks is left empty.
+    back exactly); a figure an epoch lacks is left empty. Epochs are numbered from 1, as in
+    `History`.
 
-    At the start of `fit`, rows of an existing file for the epochs this run will record are
-    dropped and the earlier rows kept: a fresh run (starting at epoch 1) replaces the file, and
-    a resumed run starting at epoch `k` keeps rows `1 .. k-1` and appends from `k` on, without
-    duplicating rows. Epochs are numbered from 1, as in `History`. The first epoch this run
-    records is `state.epoch + 1` at fit start or, if larger, one past the last epoch already in
-    `state.history`. A new figure appearing in a
-    later epoch or run adds a column (the file is rewritten once, earlier rows left empty
-    there). Under `torch.distributed`, only rank 0 writes.
+    Nothing is written before the run's first epoch ends: at the start of `fit` an existing
+    file is only read and checked, so a run that fails to start (`fit(resume="typo")`) leaves it
+    as it was. When the first epoch ends, with number `k`, the file's rows `1 .. k-1` are kept
+    and the others dropped: a fresh run (`k = 1`) replaces the file, and a run resumed with
+    `fit(resume=...)` keeps the earlier rows and writes the epochs it trains again once each.
+    A new figure appearing in a later epoch or run adds a column (the file is rewritten once,
+    earlier rows left empty there).
+
+    Rewrites go through a temporary file renamed over the log, and a row that cannot be
+    appended whole (a full disk) is taken back: the file always holds whole rows only, and no
+    temporary file is left behind. Under `torch.distributed`, only rank 0 writes.
 
     Args:
-        path: The CSV file; missing parent folders are created when the run starts.
+        path: The CSV file; missing parent folders are created when the first epoch ends.
 
     Raises:
-        OSError: at the start of `fit` or at an epoch's end, `path` cannot be read or written
-            (the message names it).
+        OSError: at the start of `fit`, `path` cannot be read or its folder cannot be created;
+            at an epoch's end, the log cannot be written (the message names the path; the file
+            keeps its earlier rows).
         ValueError: at the start of `fit`, an existing non-empty `path` is not a CSV log with an
             `epoch` column (it is left untouched rather than overwritten).
 
@@ -57,36 +64,36 @@ class CSVLogger(Callback):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self._active = False
+        self._started = False  # this run has written its first row
         self._fields: list[str] = []
         self._rows: list[dict[str, str]] = []
 
     def on_fit_start(self, state: TrainState) -> None:
-        self._active = is_main_process()
+        self._active, self._started = is_main_process(), False
         if not self._active:
             return
-        start = _first_epoch(state)
-        fields, rows = self._read()
-        self._fields = fields
-        self._rows = [row for row in rows if _epoch_of(row, self.path) < start]
-        self._rewrite()
+        # Check only: which epoch this run records first is known when it ends (a resume is
+        # read after on_fit_start), and a run that fails to start must leave the file alone.
+        self._read()
+        _check_can_create(self.path.parent, "CSVLogger(path=...) cannot write the log")
 
     def on_epoch_end(self, state: TrainState) -> None:
         if not self._active:
             return
-        row = {key: _cell(value) for key, value in state.history[-1].items()}
-        new = [key for key in row if key not in self._fields]
-        self._rows.append(row)
-        if new or not self._fields:
-            self._fields += new
-            self._rewrite()
+        record = state.history[-1]
+        row = {key: _cell(value) for key, value in record.items()}
+        if not self._started:
+            first = float(record.get("epoch", state.epoch + 1))
+            fields, rows = self._read()
+            kept = [r for r in rows if _epoch_of(r, self.path) < first]
+            self._rewrite(fields + [k for k in row if k not in fields], [*kept, row])
+            self._started = True
             return
-        try:
-            with self.path.open("a", newline="", encoding="utf-8") as f:
-                self._writer(f).writerow(row)
-        except OSError as err:
-            raise _path_error(
-                err, "CSVLogger(path=...) cannot append to the log", self.path
-            ) from err
+        new = [key for key in row if key not in self._fields]
+        if new:
+            self._rewrite(self._fields + new, [*self._rows, row])
+            return
+        self._append(row)
 
     def _read(self) -> tuple[list[str], list[dict[str, str]]]:
         try:
@@ -105,24 +112,63 @@ class CSVLogger(Callback):
                 f"(its header {fields[:5]} has no 'epoch' column); it is left untouched. "
                 "Choose another path or remove the file."
             )
-        return fields, list(reader)
+        rows = []
+        for row in reader:  # each row checked before anything is written
+            if None in row:
+                raise ValueError(
+                    f"CSVLogger(path=...): {str(self.path)!r} line {reader.line_num} has more "
+                    "fields than its header; it is left untouched. Choose another path or fix "
+                    "the file."
+                )
+            _epoch_of(row, self.path)
+            rows.append(row)
+        return fields, rows
 
-    def _rewrite(self) -> None:
+    def _rewrite(self, fields: list[str], rows: list[dict[str, str]]) -> None:
         # Same-directory temp file + os.replace: a crash mid-write leaves the old file whole.
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tmp.open("w", newline="", encoding="utf-8") as f:
-                if self._fields:
-                    writer = self._writer(f)
-                    writer.writeheader()
-                    writer.writerows(self._rows)
+                writer = _writer(f, fields)
+                writer.writeheader()
+                writer.writerows(rows)
             os.replace(tmp, self.path)
         except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a full disk must not leave a half-written temporary file
             raise _path_error(err, "CSVLogger(path=...) cannot write the log", self.path) from err
+        self._fields, self._rows = fields, rows
 
-    def _writer(self, f: IO[str]) -> csv.DictWriter[str]:
-        return csv.DictWriter(f, fieldnames=self._fields, restval="", lineterminator="\n")
+    def _append(self, row: dict[str, str]) -> None:
+        text = io.StringIO()
+        _writer(text, self._fields).writerow(row)
+        data = memoryview(text.getvalue().encode("utf-8"))
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:  # removed during the run: write it again, whole
+            self._rewrite(self._fields, [*self._rows, row])
+            return
+        except OSError as err:
+            raise _path_error(
+                err, "CSVLogger(path=...) cannot append to the log", self.path
+            ) from err
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                while data:  # one row, in as many writes as the system takes
+                    data = data[os.write(fd, data) :]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)  # take back a partial row: whole rows only
+                raise
+        except OSError as err:
+            raise _path_error(
+                err, "CSVLogger(path=...) cannot append to the log", self.path
+            ) from err
+        finally:
+            os.close(fd)
+        self._rows.append(row)
 
     def __repr__(self) -> str:
         return f"CSVLogger({str(self.path)!r})"
@@ -132,21 +178,23 @@ class TensorBoardLogger(Callback):
     """Write each epoch's figures as TensorBoard scalars, through `torch.utils.tensorboard`.
 
     Every number of the epoch's `History` record except `epoch` (`train_loss`, `val_loss`,
-    `val_accuracy`, `lr`, `seconds`, ...) becomes a scalar of the same name at step `epoch`,
-    flushed at the end of each epoch; view them with `tensorboard --logdir <log_dir>`. The
-    writer opens at the start of `fit` and closes at its end, however the run ends. Events of a
-    previous run in the same `log_dir` at the epochs this run records are purged (TensorBoard's
-    `purge_step`), so a resumed run shows one curve, not two; the first epoch is found as
-    `CSVLogger` finds it. Under `torch.distributed`, only rank 0 writes.
+    `val_accuracy`, `lr`, `seconds`, ...) becomes a scalar of the same name at step `epoch`
+    (from 1), flushed at the end of each epoch; view them with `tensorboard --logdir <log_dir>`.
+    The writer opens when the run's first epoch ends (so a run that fails to start writes
+    nothing) and closes at the end of `fit`, however the run ends. Events of a previous run in
+    the same `log_dir` at the epochs this run records are purged (TensorBoard's `purge_step`,
+    the number of the first epoch this run records): a run resumed with `fit(resume=...)` keeps
+    the earlier epochs and shows each epoch once; a fresh run replaces them all. Under
+    `torch.distributed`, only rank 0 writes.
 
     Needs the `tensorboard` package, an optional dependency: `pip install 'trainkit[tensorboard]'`.
 
     Args:
-        log_dir: The folder for TensorBoard's event files; created when the run starts.
+        log_dir: The folder for TensorBoard's event files; created when the first epoch ends.
 
     Raises:
         ImportError: tensorboard is not installed (the message says how to install it).
-        OSError: at the start of `fit`, `log_dir` cannot be created (the message names it).
+        OSError: at the start of `fit`, `log_dir` could not be created (the message names it).
 
     Example:
         >>> logger = TensorBoardLogger("runs/mnist")  # doctest: +SKIP
@@ -159,48 +207,61 @@ class TensorBoardLogger(Callback):
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:
         _require_tensorboard()
         self.log_dir = Path(log_dir)
+        self._active = False
         self._writer: SummaryWriter | None = None
 
     def on_fit_start(self, state: TrainState) -> None:
-        if not is_main_process():
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        try:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise _path_error(
-                err, "TensorBoardLogger(log_dir=...) cannot create the folder", self.log_dir
-            ) from err
-        self._writer = SummaryWriter(str(self.log_dir), purge_step=_first_epoch(state))
+        self._active = is_main_process()
+        if self._active:
+            _check_can_create(self.log_dir, _CANNOT_CREATE)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        if self._writer is None:
+        if not self._active:
             return
         record = state.history[-1]
         step = int(record.get("epoch", state.epoch + 1))
+        if self._writer is None:  # the run's first epoch: its number is the purge step
+            self._writer = self._open(purge_step=step)
         for key, value in record.items():
             if key != "epoch":
                 self._writer.add_scalar(key, value, global_step=step)
         self._writer.flush()
 
     def on_fit_end(self, state: TrainState) -> None:
+        self._active = False
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    def _open(self, purge_step: int) -> SummaryWriter:
+        from torch.utils.tensorboard import SummaryWriter
+
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _path_error(err, _CANNOT_CREATE, self.log_dir) from err
+        return SummaryWriter(str(self.log_dir), purge_step=purge_step)
 
     def __repr__(self) -> str:
         return f"TensorBoardLogger({str(self.log_dir)!r})"
 
 
-def _first_epoch(state: TrainState) -> int:
-    """The number (from 1) of the first epoch a starting run will record: `state.epoch + 1`,
-    or one past the last epoch in the history."""
-    after_history = 1
-    if state.history.records:
-        last = state.history[-1]
-        after_history = int(last["epoch"]) + 1 if "epoch" in last else len(state.history) + 1
-    return max(state.epoch + 1, after_history)
+_CANNOT_CREATE = "TensorBoardLogger(log_dir=...) cannot create the folder"
+
+
+def _check_can_create(folder: Path, what: str) -> None:
+    """Raise the error that creating `folder` (and writing in it) would raise, creating nothing."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OSError(errno.ENOTDIR, f"{what} ({os.strerror(errno.ENOTDIR)})", str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, f"{what} ({os.strerror(errno.EACCES)})", str(existing))
+
+
+def _writer(f: IO[str], fields: list[str]) -> csv.DictWriter[str]:
+    return csv.DictWriter(f, fieldnames=fields, restval="", lineterminator="\n")
 
 
 def _epoch_of(row: dict[str, str], path: Path) -> float:
