@@ -47,8 +47,14 @@ class Recorder(Callback):
     def on_train_batch_start(self, state: TrainState) -> None:
         self._rec("on_train_batch_start")
 
+    def on_after_backward(self, state: TrainState) -> None:
+        self._rec("on_after_backward")
+
     def on_before_optimizer_step(self, state: TrainState) -> None:
         self._rec("on_before_optimizer_step")
+
+    def on_before_zero_grad(self, state: TrainState) -> None:
+        self._rec("on_before_zero_grad")
 
     def on_train_batch_end(self, state: TrainState) -> None:
         self._rec("on_train_batch_end")
@@ -58,6 +64,9 @@ class Recorder(Callback):
 
     def on_validation_start(self, state: TrainState) -> None:
         self._rec("on_validation_start")
+
+    def on_validation_batch_start(self, state: TrainState) -> None:
+        self._rec("on_validation_batch_start")
 
     def on_validation_batch_end(self, state: TrainState) -> None:
         self._rec("on_validation_batch_end")
@@ -90,7 +99,13 @@ def test_hooks_fire_in_the_documented_order() -> None:
     log: list[str] = []
     model, opt, train, valid = setup()
     fit(1, model, F.cross_entropy, opt, train, valid, callbacks=[Recorder(log)], progress=False)
-    step = ["on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"]
+    step = [
+        "on_train_batch_start",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_before_zero_grad",
+        "on_train_batch_end",
+    ]
     assert log == [
         "on_fit_start",
         "on_epoch_start",
@@ -98,13 +113,15 @@ def test_hooks_fire_in_the_documented_order() -> None:
         *step,
         "on_train_epoch_end",
         "on_validation_start",
+        "on_validation_batch_start",
         "on_validation_batch_end",
         "on_validation_end",
         "on_epoch_end",
         "on_fit_end:completed",
     ]
+    fit_hooks = HOOKS[: HOOKS.index("on_fit_end") + 1]
     assert [h for h in HOOKS if h in {e.split(":")[0] for e in log}] == [
-        h for h in HOOKS if h != "on_exception"
+        h for h in fit_hooks if h != "on_exception"
     ]
 
 
@@ -317,7 +334,13 @@ def test_early_stopping_stops_fit_and_keeps_its_state() -> None:
     model, opt, train, _ = setup()
     history = fit(10, model, F.cross_entropy, opt, train, callbacks=[stopper], progress=False)
     assert len(history) == 2
-    assert stopper.state_dict() == {"best": history["train_loss"][0], "best_epoch": 0, "wait": 1}
+    assert stopper.state_dict() == {
+        "best": history["train_loss"][0],
+        "best_epoch": 0,
+        "wait": 1,
+        "stopped_epoch": 1,
+        "best_weights": None,
+    }
     fresh = EarlyStopping("train_loss", mode="max", patience=1)
     fresh.load_state_dict(stopper.state_dict())
     assert fresh.state_dict() == stopper.state_dict()
@@ -327,11 +350,15 @@ def test_early_stopping_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"EarlyStopping\(mode=...\).*'mni'"):
         EarlyStopping(mode="mni")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"EarlyStopping\(patience=...\)"):
-        EarlyStopping(patience=0)
+        EarlyStopping(patience=-1)
     with pytest.raises(ValueError, match=r"EarlyStopping\(min_delta=...\)"):
         EarlyStopping(min_delta=-1.0)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(start_from_epoch=...\)"):
+        EarlyStopping(start_from_epoch=-1)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(baseline=...\)"):
+        EarlyStopping(baseline=float("nan"))
     model, opt, train, _ = setup()
-    with pytest.raises(KeyError, match=r"monitors 'val_loss'; this run records \['epoch', 'lr'"):
+    with pytest.raises(ValueError, match=r"does not record 'val_loss'.*fit\(valid_dl=...\)"):
         fit(2, model, F.cross_entropy, opt, train, callbacks=[EarlyStopping()], progress=False)
 
 

@@ -40,7 +40,9 @@ class ModelCheckpoint(Callback):
         every_n_steps: Also save `last.ckpt` every that many optimizer steps.
 
     Raises:
-        ValueError: a bad `mode`, `save_top_k` or `every_n_steps` (named in the message).
+        ValueError: a bad `mode`, `save_top_k` or `every_n_steps` (named in the message); at
+            `on_fit_start`, before the first step, `monitor` is not a name the run records
+            (the names it records listed, with the closest one).
         KeyError: at the end of an epoch, `monitor` is not recorded (the names that are, listed).
         OSError: the directory or a file cannot be written (named); older files are kept.
 
@@ -91,6 +93,8 @@ class ModelCheckpoint(Callback):
         return self.dirpath / "last.ckpt"
 
     def on_fit_start(self, state: TrainState) -> None:
+        if self.save_top_k:  # every rank refuses a name the run will not record, before writing
+            state.check_monitor(self.monitor, "ModelCheckpoint(monitor=...)")
         if not is_main_process():  # under a process group only rank 0 writes
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
