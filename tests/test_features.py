@@ -219,6 +219,72 @@ def test_plateau_scheduler_reads_the_validation_loss() -> None:
     assert sched.num_bad_epochs == 0 and sched.last_epoch == 3
 
 
+class Scripted:
+    """A metric whose epochs' results are scripted: `values[epoch]`."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values, self.calls = values, 0
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        pass
+
+    def compute(self) -> Tensor:
+        self.calls += 1
+        return torch.tensor(self.values[self.calls - 1])
+
+
+def test_a_max_mode_plateau_scheduler_reads_the_monitored_accuracy() -> None:
+    """The issue's input: a mode='max' ReduceLROnPlateau meant for accuracy. Fed val_loss it
+    halved the rate in the epoch where accuracy peaked; fed val_accuracy it does not."""
+    model, _ = twin_models()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sched = optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
+    dl = DataLoader(data(16), batch_size=8)
+    history = fit(
+        4,
+        model,
+        F.cross_entropy,
+        opt,
+        dl,
+        dl,
+        metrics={"accuracy": Scripted([0.5, 0.6, 0.7, 0.65])},  # peaks at epoch 3
+        scheduler=sched,
+        scheduler_monitor="val_accuracy",
+        progress=False,
+    )
+    assert history["val_accuracy"] == pytest.approx([0.5, 0.6, 0.7, 0.65])
+    assert sched.best == pytest.approx(0.7)
+    # halved only after epoch 4, the first without improvement (History records the lr the
+    # epoch ran with)
+    assert history["lr"] == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_scheduler_monitor_is_checked_before_the_first_step() -> None:
+    model, _ = twin_models()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    dl = DataLoader(data(16), batch_size=8)
+    plateau = optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
+    steps = Steps()
+    with pytest.raises(
+        ValueError,
+        match=r"fit\(scheduler_monitor=...\): this run does not record 'val_acc'\. "
+        r"Did you mean 'val_accuracy'\?",
+    ):
+        fit(1, model, F.cross_entropy, opt, dl, dl, metrics={"accuracy": Scripted([1.0])},
+            scheduler=plateau, scheduler_monitor="val_acc", callbacks=[steps])  # fmt: skip
+    assert steps.steps == []  # on_fit_end never ran: refused before the run started
+    step_lr = optim.lr_scheduler.StepLR(opt, step_size=1)
+    with pytest.raises(ValueError, match=r"only a ReduceLROnPlateau .* got scheduler=StepLR"):
+        fit(1, model, F.cross_entropy, opt, dl, scheduler=step_lr, scheduler_monitor="train_loss")
+    # any recorded name may be monitored, seconds and lr too
+    fit(1, model, F.cross_entropy, opt, dl, scheduler=plateau, scheduler_monitor="seconds",
+        progress=False)  # fmt: skip
+
+
 def test_bad_scheduler_options() -> None:
     model, other = twin_models()
     opt = optim.SGD(model.parameters(), lr=0.1)

@@ -23,7 +23,7 @@ class EarlyStopping(Callback):
 
     1. the wait count grows by one;
     2. the value improves on the best so far if it is lower than `best - min_delta` (`"min"`;
-       higher than `best + min_delta` for `"max"`; the first value counts if it is not NaN);
+       higher than `best + min_delta` for `"max"`; the first monitored value always does);
        then it becomes the best (its weights are kept with `restore_best_weights`), and the
        wait count restarts at 0 only if the value also beats `baseline` (when given);
     3. otherwise, the run stops if the wait count has reached `patience` and `epoch > 0`.
@@ -53,7 +53,7 @@ class EarlyStopping(Callback):
         check_finite: Stop at once when the monitored value is NaN or infinite.
 
     Attributes:
-        best: The best value so far (`inf` for `"min"`, `-inf` for `"max"` before any).
+        best: The best value so far, or `None` before the first monitored epoch.
         best_epoch: Index (`state.epoch`, from 0) of the best epoch, or `None`.
         wait: Epochs counted since the last improvement that reset it.
         stopped_epoch: Index of the epoch at which this callback stopped the run, or `None`.
@@ -115,7 +115,7 @@ class EarlyStopping(Callback):
         self._reset()
 
     def _reset(self) -> None:
-        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best: float | None = None
         self.best_epoch: int | None = None
         self.wait = 0
         self.stopped_epoch: int | None = None
@@ -164,8 +164,10 @@ class EarlyStopping(Callback):
         if self.restore_best_weights and self.best_weights is not None and ok:
             state.model.load_state_dict(self.best_weights)
 
-    def _improves(self, value: float, reference: float) -> bool:
+    def _improves(self, value: float, reference: float | None) -> bool:
         # Keras: monitor_op(value - min_delta, reference) with min_delta negated for "min"
+        if reference is None:
+            return True
         if self.mode == "min":
             return value + self.min_delta < reference
         return value - self.min_delta > reference
