@@ -864,3 +864,10 @@ def test_the_hook_table_covers_every_hook_and_show_training_loop_every_step() ->
     text = show_training_loop([], file=io.StringIO())
     for step in ("opt.zero_grad()", "unscale_", "clip gradients", "opt.step()", "backward"):
         assert step in text
+
+
+def test_the_hook_table_in_the_docs_is_what_the_code_makes() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "callbacks.md").read_text()
+    start, end = "<!-- hook-table:start -->\n", "\n<!-- hook-table:end -->"
+    shown = page[page.index(start) + len(start) : page.index(end)]
+    assert shown == hook_table()

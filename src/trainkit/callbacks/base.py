@@ -274,6 +274,10 @@ _OUTLINE: tuple[tuple[int, str], ...] = (
 )
 
 _EVENT_STOP = "the event's other hooks run; then the run stops, this epoch unrecorded"
+_BATCH_STOP = (
+    "the batch finishes (its step, every hook to `on_train_batch_end`); then the run stops, "
+    "this epoch unrecorded"
+)
 _EVAL_STOP = "not caught: propagates like any error"
 
 # hook: (fires, what the state holds, with accumulate=k, with amp, a stop requested here)
@@ -291,35 +295,35 @@ _HOOK_INFO: dict[str, tuple[str, str, str, str, str]] = {
         "`xb`, `yb`, `step` (replace `xb`/`yb` to change the batch)",
         "every batch",
         "before autocast is entered",
-        _EVENT_STOP,
+        _BATCH_STOP,
     ),
     "on_after_backward": (
         "each training batch, after its backward",
         "`loss`, `output`; gradients as backward left them",
         "every batch; gradients summed over the group so far, each loss divided by k",
         "fp16: gradients still scaled by `state.scaler`",
-        "the event's other hooks run; no step; the run stops, this epoch unrecorded",
+        _BATCH_STOP,
     ),
     "on_before_optimizer_step": (
         "each optimizer step, before `fit`'s clipping and `opt.step()`",
         "gradients unscaled, not yet clipped",
         "once per k batches (and for the last, shorter group)",
         "fp16: after `scaler.unscale_`; gradients may be inf/NaN (the scaler skips that step)",
-        "the event's other hooks run; no step; the run stops, this epoch unrecorded",
+        _BATCH_STOP,
     ),
     "on_before_zero_grad": (
         "each optimizer step, after `opt.step()`, before `opt.zero_grad()`",
         "gradients as clipped and used by the step; weights updated",
         "once per k batches, as `on_before_optimizer_step`",
         "fp16: after `scaler.step`/`update`; a skipped step left the weights unchanged",
-        _EVENT_STOP,
+        _BATCH_STOP,
     ),
     "on_train_batch_end": (
         "each training batch, after its step (if it ends a group)",
         "`loss` (detached; reading it waits for the device), `step`, `global_step`",
         "every batch; `global_step` grows once per group",
         "",
-        "the step's other `on_train_batch_end` hooks run; then the run stops, epoch unrecorded",
+        _BATCH_STOP,
     ),
     "on_train_epoch_end": (
         "after the epoch's last training batch, before validation",
