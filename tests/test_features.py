@@ -624,3 +624,13 @@ def test_nan_gradients_under_a_finite_loss_at_the_last_step_stop_the_run() -> No
         "batch 4, with every loss finite: a non-finite gradient (see on_after_backward to find it)"
     )
     assert len(history) == 0
+
+
+def test_huge_finite_weights_whose_sum_overflows_do_not_stop_the_run() -> None:
+    model, _ = twin_models()
+    model.register_parameter("huge", nn.Parameter(torch.full((2,), 3e38)))  # sums to inf
+    dl = DataLoader(data(32), batch_size=8)
+    history = fit(
+        2, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1), dl, progress=False
+    )
+    assert history.status == "completed" and len(history) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 
@@ -21,9 +20,10 @@ class TerminateOnNaN(Callback):
 
     The losses of the steps are kept on the device and checked together every
     `check_seconds` and after the epoch's last training batch, so no step waits for the
-    device. Each check also looks at the optimizer's parameters (their largest magnitude,
-    one reduction on the device), which catches a NaN or infinite gradient under a finite loss
-    (it makes the weights non-finite at the step), the last step's included.
+    device. Each check also looks at the optimizer's parameters (a sum per tensor on the
+    device), which catches a NaN or infinite gradient under a finite loss (it makes the weights
+    non-finite at the step), the last step's included. A check costs about one pass over the
+    weights, at most once per `check_seconds`.
 
     A non-finite stop cannot be missed, with or without a progress bar: a `RuntimeWarning`
     names the epoch (numbered from 1) and the batch, `StopTraining` stops the run with the same
@@ -90,23 +90,25 @@ class TerminateOnNaN(Callback):
         flags = [~torch.isfinite(torch.stack(self._losses))] if self._losses else []
         weights = [p for group in state.opt.param_groups for p in group["params"]]
         if weights:
-            largest = torch.nn.utils.get_total_norm(weights, norm_type=math.inf)  # NaN stays NaN
-            flags.append(
-                (~torch.isfinite(largest))
-                .reshape(1)
-                .to(flags[0].device if flags else largest.device)
-            )
+            # NaN and inf survive a sum; a plain float32 sum (the fastest reduction) can also
+            # overflow on huge finite weights, so a flag raised here alone is confirmed below
+            sums = torch.stack([p.detach().sum() for p in weights])
+            flags.append((~torch.isfinite(sums).all()).reshape(1).to(sums.device))
         if not flags:
             return
-        bad = torch.cat(flags)
+        bad = torch.cat([f.to(flags[-1].device) for f in flags])
         first, checked_from = self._first_step, self._checked_to
         self._losses, self._checked_to = [], state.batches_done
-        if not all_reduce_flag(bool(bad.any())):  # the read-back: once per check, not per step
+        found = bool(bad.any())  # the read-back: once per check, not per step
+        loss_bad = found and bool(bad[: len(bad) - bool(weights)].any())
+        if found and not loss_bad:  # only the weights' flag: confirm element by element
+            found = not all(bool(p.isfinite().all()) for p in weights)
+        if not all_reduce_flag(found):
             return
         where = f"epoch {state.epoch + 1}"
-        if not bad.any():
+        if not found:
             reason = f"TerminateOnNaN: the training was not finite on another process in {where}"
-        elif bad[:-1].any() or not weights:
+        elif loss_bad:
             step = first + int(bad.nonzero()[0, 0])
             reason = (
                 f"TerminateOnNaN: the training loss was not finite at {where} batch {step + 1} "
