@@ -871,3 +871,43 @@ def test_the_hook_table_in_the_docs_is_what_the_code_makes() -> None:
     start, end = "<!-- hook-table:start -->\n", "\n<!-- hook-table:end -->"
     shown = page[page.index(start) + len(start) : page.index(end)]
     assert shown == hook_table()
+
+
+def first_grad(state: TrainState) -> Tensor:
+    grad = next(state.model.parameters()).grad
+    assert grad is not None
+    return grad.clone()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_after_backward_sees_scaled_gradients_and_before_step_unscaled() -> None:
+    seen: dict[str, list[Tensor]] = {"scaled": [], "unscaled": [], "scale": []}
+
+    class Look(Callback):
+        def on_after_backward(self, state: TrainState) -> None:
+            assert state.scaler is not None
+            seen["scale"].append(state.scaler.get_scale() * torch.ones(()))
+            seen["scaled"].append(first_grad(state))
+
+        def on_before_optimizer_step(self, state: TrainState) -> None:
+            seen["unscaled"].append(first_grad(state))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, device="cuda"), torch.randint(0, 2, (64,), device="cuda")
+    model = nn.Linear(3, 2).cuda()
+    fit(
+        1,
+        model,
+        F.cross_entropy,
+        optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(TensorDataset(x, y), batch_size=16),
+        amp="fp16",
+        callbacks=[Look()],
+        progress=False,
+    )
+    assert len(seen["scaled"]) == len(seen["unscaled"]) == 4
+    for scaled, unscaled, scale in zip(
+        seen["scaled"], seen["unscaled"], seen["scale"], strict=True
+    ):
+        assert float(scale) > 1
+        torch.testing.assert_close(scaled.float() / float(scale), unscaled.float())

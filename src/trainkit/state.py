@@ -344,8 +344,12 @@ class TrainState:
         should_stop: A stop was requested; the run stops once the current event's hooks ran.
         recorded_names: The names every epoch's History record will hold, known before the
             first step: `epoch`, `train_loss`, then with validation data `val_loss` and
-            `val_<metric>` per scalar metric, then `lr`, `seconds`. `None` for a state built
-            outside `fit`.
+            `val_<metric>` per metric, then `lr`, `seconds`. `PerClassAccuracy` and
+            `ConfusionMatrix`, whose results go to `History.tensors`, are left out (a metric
+            of yours with a multi-element result cannot be told apart before it is computed:
+            it is listed, and monitoring it fails at the epoch's end). A callback that adds a
+            figure of its own extends it in `on_fit_start`. `None` for a state built outside
+            `fit`.
         exception: The exception that failed the run, if any.
         scheduler: The learning-rate scheduler of `fit(scheduler=...)`, if any.
         scaler: The `GradScaler` of `fit(amp="fp16")`, if any.
