@@ -636,9 +636,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        results = _evaluate(model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks)[
-            0
-        ]
+        results, _ = _evaluate(
+            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks
+        )
         if state is not None and hooks["on_evaluate_end"]:
             state.metrics = dict(results)
             with torch.no_grad():
