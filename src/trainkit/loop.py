@@ -212,6 +212,15 @@ def fit(
         ...               metrics=[accuracy], progress=False)
         >>> len(history["val_accuracy"])
         2
+        >>> history.status
+        'completed'
+
+        A `mode="max"` plateau scheduler stepped with the validation accuracy:
+
+        >>> plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
+        >>> history = fit(2, model, F.cross_entropy, opt, train_dl, valid_dl,
+        ...               metrics=[accuracy], scheduler=plateau,
+        ...               scheduler_monitor="val_accuracy", progress=False)
     """
     _check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
     if device is not None:
@@ -737,9 +746,16 @@ def predict(
         Exception: an error raised by a callback (`StopTraining` too), unchanged.
 
     Example:
+        >>> from trainkit import Callback
         >>> model = nn.Linear(4, 3)
         >>> predict(model, [torch.randn(8, 4), torch.randn(2, 4)]).shape
         torch.Size([10, 3])
+        >>> class Sizes(Callback):
+        ...     def on_predict_batch_end(self, state: EvalState) -> None:
+        ...         print(state.step, tuple(state.output.shape))
+        >>> _ = predict(model, [torch.randn(8, 4), torch.randn(2, 4)], callbacks=[Sizes()])
+        0 (8, 3)
+        1 (2, 3)
     """
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
     hooks = _hooks(sort_callbacks(callbacks))

@@ -52,6 +52,8 @@ class History:
         [0.8, 0.6]
         >>> h[-1]["epoch"]
         2
+        >>> h.status, h.stop_reason  # fit sets them on the History it returns
+        ('running', None)
     """
 
     def __init__(self, records: Iterable[dict[str, float]] = ()) -> None:

@@ -76,6 +76,29 @@ class Callback:
         >>> class PrintLoss(Callback):
         ...     def on_epoch_end(self, state: TrainState) -> None:
         ...         print(state.epoch, state.metrics["train_loss"])
+
+        Gradients of every micro-batch, and as clipped, with the hooks `fit` adds for them:
+
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> from trainkit import fit
+        >>> class GradNorms(Callback):
+        ...     def on_after_backward(self, state: TrainState) -> None:
+        ...         print("after backward", state.step)
+        ...     def on_before_zero_grad(self, state: TrainState) -> None:
+        ...         grad = state.model.weight.grad
+        ...         print("clipped", bool(grad.norm() <= 0.01 + 1e-6))
+        ...     def on_validation_batch_start(self, state: TrainState) -> None:
+        ...         print("validating", state.step)
+        >>> model = torch.nn.Linear(4, 2, bias=False)
+        >>> dl = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))] * 2
+        >>> history = fit(1, model, F.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1),
+        ...               dl, dl[:1], callbacks=[GradNorms()], accumulate=2,
+        ...               clip_grad_norm=0.01, progress=False)
+        after backward 0
+        after backward 1
+        clipped True
+        validating 0
     """
 
     order: ClassVar[int] = 0
