@@ -403,7 +403,8 @@ class TrainState:
 
         The same as raising `StopTraining(reason)` from a hook. Requested in `on_epoch_end`,
         the epoch is recorded and every callback's `on_epoch_end` sees it (checkpoints save
-        it); requested during an epoch, that unfinished epoch is not recorded.
+        it); requested in a training batch's hook, that batch finishes (its step and every
+        hook up to `on_train_batch_end`) and the unfinished epoch is not recorded.
 
         Args:
             reason: Why; kept in `stop_reason` and `History.stop_reason`.
