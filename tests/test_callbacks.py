@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import sys
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -16,17 +17,24 @@ from trainkit import (
     BatchMetric,
     Callback,
     ConfusionMatrix,
+    CSVLogger,
     EarlyStopping,
+    EvalState,
     Metric,
+    ModelCheckpoint,
     PerClassAccuracy,
     ProgressBar,
     StopTraining,
     TerminateOnNaN,
     TrainState,
     accuracy,
+    evaluate,
     fit,
+    load_checkpoint,
+    predict,
     show_training_loop,
 )
+from trainkit.callbacks.base import hook_table
 
 
 class Recorder(Callback):
@@ -47,8 +55,14 @@ class Recorder(Callback):
     def on_train_batch_start(self, state: TrainState) -> None:
         self._rec("on_train_batch_start")
 
+    def on_after_backward(self, state: TrainState) -> None:
+        self._rec("on_after_backward")
+
     def on_before_optimizer_step(self, state: TrainState) -> None:
         self._rec("on_before_optimizer_step")
+
+    def on_before_zero_grad(self, state: TrainState) -> None:
+        self._rec("on_before_zero_grad")
 
     def on_train_batch_end(self, state: TrainState) -> None:
         self._rec("on_train_batch_end")
@@ -58,6 +72,9 @@ class Recorder(Callback):
 
     def on_validation_start(self, state: TrainState) -> None:
         self._rec("on_validation_start")
+
+    def on_validation_batch_start(self, state: TrainState) -> None:
+        self._rec("on_validation_batch_start")
 
     def on_validation_batch_end(self, state: TrainState) -> None:
         self._rec("on_validation_batch_end")
@@ -90,7 +107,13 @@ def test_hooks_fire_in_the_documented_order() -> None:
     log: list[str] = []
     model, opt, train, valid = setup()
     fit(1, model, F.cross_entropy, opt, train, valid, callbacks=[Recorder(log)], progress=False)
-    step = ["on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"]
+    step = [
+        "on_train_batch_start",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_before_zero_grad",
+        "on_train_batch_end",
+    ]
     assert log == [
         "on_fit_start",
         "on_epoch_start",
@@ -98,13 +121,15 @@ def test_hooks_fire_in_the_documented_order() -> None:
         *step,
         "on_train_epoch_end",
         "on_validation_start",
+        "on_validation_batch_start",
         "on_validation_batch_end",
         "on_validation_end",
         "on_epoch_end",
         "on_fit_end:completed",
     ]
+    fit_hooks = HOOKS[: HOOKS.index("on_fit_end") + 1]
     assert [h for h in HOOKS if h in {e.split(":")[0] for e in log}] == [
-        h for h in HOOKS if h != "on_exception"
+        h for h in fit_hooks if h != "on_exception"
     ]
 
 
@@ -317,7 +342,13 @@ def test_early_stopping_stops_fit_and_keeps_its_state() -> None:
     model, opt, train, _ = setup()
     history = fit(10, model, F.cross_entropy, opt, train, callbacks=[stopper], progress=False)
     assert len(history) == 2
-    assert stopper.state_dict() == {"best": history["train_loss"][0], "best_epoch": 0, "wait": 1}
+    assert stopper.state_dict() == {
+        "best": history["train_loss"][0],
+        "best_epoch": 0,
+        "wait": 1,
+        "stopped_epoch": 1,
+        "best_weights": None,
+    }
     fresh = EarlyStopping("train_loss", mode="max", patience=1)
     fresh.load_state_dict(stopper.state_dict())
     assert fresh.state_dict() == stopper.state_dict()
@@ -327,11 +358,15 @@ def test_early_stopping_bad_arguments() -> None:
     with pytest.raises(ValueError, match=r"EarlyStopping\(mode=...\).*'mni'"):
         EarlyStopping(mode="mni")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"EarlyStopping\(patience=...\)"):
-        EarlyStopping(patience=0)
+        EarlyStopping(patience=-1)
     with pytest.raises(ValueError, match=r"EarlyStopping\(min_delta=...\)"):
         EarlyStopping(min_delta=-1.0)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(start_from_epoch=...\)"):
+        EarlyStopping(start_from_epoch=-1)
+    with pytest.raises(ValueError, match=r"EarlyStopping\(baseline=...\)"):
+        EarlyStopping(baseline=float("nan"))
     model, opt, train, _ = setup()
-    with pytest.raises(KeyError, match=r"monitors 'val_loss'; this run records \['epoch', 'lr'"):
+    with pytest.raises(ValueError, match=r"does not record 'val_loss'.*fit\(valid_dl=...\)"):
         fit(2, model, F.cross_entropy, opt, train, callbacks=[EarlyStopping()], progress=False)
 
 
@@ -512,3 +547,396 @@ def test_show_training_loop_prints_to_stdout_by_default(capsys: pytest.CaptureFi
     show_training_loop()
     assert capsys.readouterr().out.startswith("on_fit_start: -")
     assert sys.stdout is not None
+
+
+# --- a stop lets every hook of its event run (defect 1) ---------------------------------------
+
+
+def test_early_stopping_lets_the_checkpoint_and_the_logger_save_the_stopping_epoch(
+    tmp_path: Path,
+) -> None:
+    """The issue's input: EarlyStopping stops epoch 2 of a 2-epoch-long run; ModelCheckpoint
+    (order 100) and a user callback after it must still see that epoch's on_epoch_end."""
+    seen: list[int] = []
+
+    class After(Callback):
+        def on_epoch_end(self, state: TrainState) -> None:
+            seen.append(state.epoch)
+
+    stopper = EarlyStopping("train_loss", mode="max", patience=1)  # the loss falls: stop at 2
+    model, opt, train, valid = setup()
+    history = fit(
+        10,
+        model,
+        F.cross_entropy,
+        opt,
+        train,
+        valid,
+        callbacks=[
+            stopper,
+            After(),
+            ModelCheckpoint(tmp_path / "ck"),
+            CSVLogger(tmp_path / "log.csv"),
+        ],
+        progress=False,
+    )
+    ckpt = load_checkpoint(tmp_path / "ck" / "last.ckpt", model=nn.Linear(3, 2))
+    assert (ckpt.epoch, ckpt.epoch_complete) == (1, True)  # the stopping epoch, saved
+    assert seen == [0, 1]
+    assert history["epoch"] == [1, 2] and history.status == "stopped"
+    for saved, live in zip(ckpt_model(tmp_path).parameters(), model.parameters(), strict=True):
+        assert torch.equal(saved, live)
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2"]
+
+
+def ckpt_model(tmp_path: Path) -> nn.Module:
+    model = nn.Linear(3, 2)
+    load_checkpoint(tmp_path / "ck" / "last.ckpt", model=model)
+    return model
+
+
+def test_a_stop_in_a_batch_hook_lets_the_steps_other_batch_hooks_run() -> None:
+    log: list[str] = []
+
+    class StopAtFirstBatch(Callback):
+        def on_train_batch_end(self, state: TrainState) -> None:
+            if state.epoch == 1 and state.step == 0:
+                raise StopTraining("mid-epoch")
+
+    class Later(Callback):
+        def on_train_batch_end(self, state: TrainState) -> None:
+            log.append(f"{state.epoch}:{state.step}")
+
+    model, opt, train, valid = setup()
+    history = fit(
+        5,
+        model,
+        F.cross_entropy,
+        opt,
+        train,
+        valid,
+        callbacks=[StopAtFirstBatch(), Later()],
+        progress=False,
+    )
+    assert log == ["0:0", "0:1", "1:0"]  # the later callback saw the stopping step
+    assert history["epoch"] == [1] and history.stop_reason == "mid-epoch"
+
+
+def test_state_stop_is_a_flag_like_keras_stop_training_and_reasons_are_joined() -> None:
+    steps: list[int] = []
+
+    class FlagInBatchStart(Callback):
+        def on_train_batch_start(self, state: TrainState) -> None:
+            state.stop("flagged")
+
+    class Raise(Callback):
+        def on_train_batch_end(self, state: TrainState) -> None:
+            steps.append(state.global_step)
+            raise StopTraining("raised")
+
+    model, opt, train, _ = setup()
+    history = fit(
+        3,
+        model,
+        F.cross_entropy,
+        opt,
+        train,
+        callbacks=[FlagInBatchStart(), Raise()],
+        progress=False,
+    )
+    assert steps == [1]  # the batch that requested the stop still trained, then it stopped
+    assert history.status == "stopped" and history.stop_reason == "flagged; raised"
+
+
+def test_a_stop_in_on_fit_start_lets_the_other_fit_start_hooks_run() -> None:
+    log: list[str] = []
+
+    class Stop(Callback):
+        def on_fit_start(self, state: TrainState) -> None:
+            state.stop("not today")
+
+    model, opt, train, _ = setup()
+    history = fit(
+        3, model, F.cross_entropy, opt, train, callbacks=[Stop(), Recorder(log)], progress=False
+    )
+    assert log == ["on_fit_start", "on_fit_end:stopped"] and len(history) == 0
+
+
+# --- names checked before the first step (defect 2) -------------------------------------------
+
+
+class CountSteps(Callback):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def on_train_batch_start(self, state: TrainState) -> None:
+        self.steps += 1
+
+
+def test_a_misspelled_early_stopping_monitor_is_refused_before_the_first_step() -> None:
+    counter = CountSteps()
+    model, opt, train, valid = setup()
+    with pytest.raises(
+        ValueError,
+        match=r"EarlyStopping\(monitor=...\): this run does not record 'val_los'\. "
+        r"Did you mean 'val_loss'\? Each epoch records \['epoch', 'train_loss', 'val_loss', "
+        r"'lr', 'seconds'\]",
+    ):
+        fit(
+            2,
+            model,
+            F.cross_entropy,
+            opt,
+            train,
+            valid,
+            callbacks=[EarlyStopping("val_los"), counter],
+            progress=False,
+        )
+    assert counter.steps == 0
+
+
+def test_a_checkpoint_monitor_that_is_not_recorded_is_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """The issue's input: ModelCheckpoint(monitor="val_acc") when the metric is `accuracy`."""
+    counter = CountSteps()
+    model, opt, train, valid = setup()
+    with pytest.raises(
+        ValueError,
+        match=r"ModelCheckpoint\(monitor=...\): this run does not record 'val_acc'\. "
+        r"Did you mean 'val_accuracy'\?",
+    ):
+        fit(
+            2,
+            model,
+            F.cross_entropy,
+            opt,
+            train,
+            valid,
+            metrics=[accuracy],
+            callbacks=[ModelCheckpoint(tmp_path / "ck", monitor="val_acc"), counter],
+            progress=False,
+        )
+    assert counter.steps == 0 and not (tmp_path / "ck").exists()
+
+
+def test_recorded_names_are_known_at_fit_start_and_match_the_records() -> None:
+    names: list[tuple[str, ...] | None] = []
+
+    class Look(Callback):
+        def on_fit_start(self, state: TrainState) -> None:
+            names.append(state.recorded_names)
+
+    model, opt, train, valid = setup()
+    metrics: dict[str, Metric | BatchMetric] = {"acc": accuracy, "per_class": PerClassAccuracy(2)}
+    history = fit(1, model, F.cross_entropy, opt, train, valid, metrics=metrics, callbacks=[Look()])
+    assert names == [("epoch", "train_loss", "val_loss", "val_acc", "lr", "seconds")]
+    assert tuple(history.keys()) == names[0]
+    with pytest.raises(ValueError, match=r"'val_per_class'.*History\.tensors"):
+        fit(1, model, F.cross_entropy, opt, train, valid, metrics=metrics,
+            callbacks=[EarlyStopping("val_per_class")])  # fmt: skip
+
+
+# --- where hooks fire (defect 6) and the new hooks ---------------------------------------------
+
+
+def test_validation_start_runs_under_no_grad_like_the_rest_of_validation() -> None:
+    grad_enabled: list[bool] = []
+
+    class Look(Callback):
+        def on_validation_start(self, state: TrainState) -> None:
+            grad_enabled.append(torch.is_grad_enabled())
+
+        def on_validation_batch_start(self, state: TrainState) -> None:
+            grad_enabled.append(torch.is_grad_enabled())
+
+    model, opt, train, valid = setup()
+    fit(1, model, F.cross_entropy, opt, train, valid, callbacks=[Look()], progress=False)
+    assert grad_enabled == [False, False]
+
+
+def test_clipped_gradients_are_seen_in_before_zero_grad_not_before_optimizer_step() -> None:
+    norms: dict[str, list[float]] = {"after_backward": [], "before_step": [], "before_zero": []}
+
+    def norm(state: TrainState) -> float:
+        grads = [p.grad.flatten() for p in state.model.parameters() if p.grad is not None]
+        return float(torch.cat(grads).norm())
+
+    class Look(Callback):
+        def on_after_backward(self, state: TrainState) -> None:
+            norms["after_backward"].append(norm(state))
+
+        def on_before_optimizer_step(self, state: TrainState) -> None:
+            norms["before_step"].append(norm(state))
+
+        def on_before_zero_grad(self, state: TrainState) -> None:
+            norms["before_zero"].append(norm(state))
+
+    model, opt, train, _ = setup(n_train=16)  # 4 batches
+    fit(
+        1,
+        model,
+        F.cross_entropy,
+        opt,
+        train,
+        callbacks=[Look()],
+        progress=False,
+        accumulate=2,
+        clip_grad_norm=1e-3,
+    )
+    assert len(norms["after_backward"]) == 4  # every micro-batch
+    assert len(norms["before_step"]) == len(norms["before_zero"]) == 2  # every optimizer step
+    assert all(n > 1e-3 for n in norms["before_step"])  # not yet clipped
+    assert all(n == pytest.approx(1e-3, rel=1e-3) for n in norms["before_zero"])  # clipped
+
+
+def test_a_hook_may_replace_a_validation_batch() -> None:
+    outputs: list[Tensor] = []
+
+    class Zero(Callback):
+        def on_validation_batch_start(self, state: TrainState) -> None:
+            state.xb = torch.zeros_like(state.xb)
+
+        def on_validation_batch_end(self, state: TrainState) -> None:
+            outputs.append(state.output)
+
+    model, opt, train, valid = setup()
+    fit(1, model, F.cross_entropy, opt, train, valid, callbacks=[Zero()], progress=False)
+    assert isinstance(model, nn.Linear)
+    assert torch.equal(outputs[0], model.bias.detach().expand(4, 2))
+
+
+def test_evaluate_and_predict_run_their_own_hooks() -> None:
+    log: list[str] = []
+
+    class Look(Callback):
+        def on_evaluate_start(self, state: EvalState) -> None:
+            log.append(f"evaluate_start:{torch.is_grad_enabled()}:{state.model.training}")
+
+        def on_evaluate_batch_start(self, state: EvalState) -> None:
+            log.append(f"evaluate_batch_start:{state.step}")
+
+        def on_evaluate_batch_end(self, state: EvalState) -> None:
+            log.append(f"evaluate_batch_end:{tuple(state.output.shape)}")
+
+        def on_evaluate_end(self, state: EvalState) -> None:
+            log.append(f"evaluate_end:{sorted(state.metrics)}")
+
+        def on_predict_start(self, state: EvalState) -> None:
+            log.append("predict_start")
+
+        def on_predict_batch_start(self, state: EvalState) -> None:
+            state.xb = state.xb * 0  # replaces the batch
+
+        def on_predict_batch_end(self, state: EvalState) -> None:
+            log.append(f"predict_batch_end:{state.step}")
+
+        def on_predict_end(self, state: EvalState) -> None:
+            log.append("predict_end")
+
+    model, _, _, valid = setup(n_valid=8)
+    result = evaluate(model, F.cross_entropy, valid, [accuracy], callbacks=[Look()])
+    out = predict(model, valid, callbacks=[Look()])
+    assert log == [
+        "evaluate_start:False:False",
+        "evaluate_batch_start:0",
+        "evaluate_batch_end:(4, 2)",
+        "evaluate_batch_start:1",
+        "evaluate_batch_end:(4, 2)",
+        "evaluate_end:['accuracy', 'loss']",
+        "predict_start",
+        "predict_batch_end:0",
+        "predict_batch_end:1",
+        "predict_end",
+    ]
+    assert sorted(result) == ["accuracy", "loss"] and model.training
+    assert isinstance(model, nn.Linear)
+    assert torch.equal(out, model.bias.detach().expand(8, 2))
+    with pytest.raises(TypeError, match=r"callbacks\[0\] is a str"):
+        predict(model, valid, callbacks=["x"])  # type: ignore[list-item]
+
+
+def test_the_hook_table_covers_every_hook_and_show_training_loop_every_step() -> None:
+    table = hook_table().splitlines()
+    assert [row.split("|")[1].strip(" `") for row in table[2:]] == list(HOOKS)
+    assert all(row.count("|") == 7 for row in table)
+    text = show_training_loop([], file=io.StringIO())
+    for step in ("opt.zero_grad()", "unscale_", "clip gradients", "opt.step()", "backward"):
+        assert step in text
+
+
+def test_the_hook_table_in_the_docs_is_what_the_code_makes() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "callbacks.md").read_text()
+    start, end = "<!-- hook-table:start -->\n", "\n<!-- hook-table:end -->"
+    shown = page[page.index(start) + len(start) : page.index(end)]
+    assert shown == hook_table()
+
+
+def first_grad(state: TrainState) -> Tensor:
+    grad = next(state.model.parameters()).grad
+    assert grad is not None
+    return grad.clone()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_after_backward_sees_scaled_gradients_and_before_step_unscaled() -> None:
+    seen: dict[str, list[Tensor]] = {"scaled": [], "unscaled": [], "scale": []}
+
+    class Look(Callback):
+        def on_after_backward(self, state: TrainState) -> None:
+            assert state.scaler is not None
+            seen["scale"].append(state.scaler.get_scale() * torch.ones(()))
+            seen["scaled"].append(first_grad(state))
+
+        def on_before_optimizer_step(self, state: TrainState) -> None:
+            seen["unscaled"].append(first_grad(state))
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, device="cuda"), torch.randint(0, 2, (64,), device="cuda")
+    model = nn.Linear(3, 2).cuda()
+    fit(
+        1,
+        model,
+        F.cross_entropy,
+        optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(TensorDataset(x, y), batch_size=16),
+        amp="fp16",
+        callbacks=[Look()],
+        progress=False,
+    )
+    assert len(seen["scaled"]) == len(seen["unscaled"]) == 4
+    for scaled, unscaled, scale in zip(
+        seen["scaled"], seen["unscaled"], seen["scale"], strict=True
+    ):
+        assert float(scale) > 1
+        torch.testing.assert_close(scaled.float() / float(scale), unscaled.float())
+
+
+def test_every_on_fit_end_runs_when_one_fails_after_a_completed_run(tmp_path: Path) -> None:
+    # A failing on_fit_end must not skip a later callback's (ModelCheckpoint releases its
+    # directory lock there): the first error propagates, the others are noted on it.
+    ran: list[str] = []
+
+    class Fails(Callback):
+        def on_fit_end(self, state: TrainState) -> None:
+            ran.append("fails")
+            raise RuntimeError("on_fit_end broke")
+
+    class Later(Callback):
+        order = 50
+
+        def on_fit_end(self, state: TrainState) -> None:
+            ran.append("later")
+
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dl = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    mc = ModelCheckpoint(tmp_path / "ck")
+    with pytest.raises(RuntimeError, match="on_fit_end broke"):
+        fit(1, model, F.cross_entropy, opt, dl, dl, callbacks=[Fails(), Later(), mc],
+            progress=False)  # fmt: skip
+    assert ran == ["fails", "later"]
+    # the lock was released: a second run in the same directory starts
+    fit(1, model, F.cross_entropy, opt, dl, dl, callbacks=[ModelCheckpoint(tmp_path / "ck")],
+        progress=False)  # fmt: skip

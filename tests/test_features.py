@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -217,6 +219,72 @@ def test_plateau_scheduler_reads_the_validation_loss() -> None:
     assert sched.num_bad_epochs == 0 and sched.last_epoch == 3
 
 
+class Scripted:
+    """A metric whose epochs' results are scripted: `values[epoch]`."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values, self.calls = values, 0
+
+    def reset(self) -> None:
+        pass
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        pass
+
+    def compute(self) -> Tensor:
+        self.calls += 1
+        return torch.tensor(self.values[self.calls - 1])
+
+
+def test_a_max_mode_plateau_scheduler_reads_the_monitored_accuracy() -> None:
+    """The issue's input: a mode='max' ReduceLROnPlateau meant for accuracy. Fed val_loss it
+    halved the rate in the epoch where accuracy peaked; fed val_accuracy it does not."""
+    model, _ = twin_models()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    sched = optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
+    dl = DataLoader(data(16), batch_size=8)
+    history = fit(
+        4,
+        model,
+        F.cross_entropy,
+        opt,
+        dl,
+        dl,
+        metrics={"accuracy": Scripted([0.5, 0.6, 0.7, 0.65])},  # peaks at epoch 3
+        scheduler=sched,
+        scheduler_monitor="val_accuracy",
+        progress=False,
+    )
+    assert history["val_accuracy"] == pytest.approx([0.5, 0.6, 0.7, 0.65])
+    assert sched.best == pytest.approx(0.7)
+    # halved only after epoch 4, the first without improvement (History records the lr the
+    # epoch ran with)
+    assert history["lr"] == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_scheduler_monitor_is_checked_before_the_first_step() -> None:
+    model, _ = twin_models()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    dl = DataLoader(data(16), batch_size=8)
+    plateau = optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
+    steps = Steps()
+    with pytest.raises(
+        ValueError,
+        match=r"fit\(scheduler_monitor=...\): this run does not record 'val_acc'\. "
+        r"Did you mean 'val_accuracy'\?",
+    ):
+        fit(1, model, F.cross_entropy, opt, dl, dl, metrics={"accuracy": Scripted([1.0])},
+            scheduler=plateau, scheduler_monitor="val_acc", callbacks=[steps])  # fmt: skip
+    assert steps.steps == []  # on_fit_end never ran: refused before the run started
+    step_lr = optim.lr_scheduler.StepLR(opt, step_size=1)
+    with pytest.raises(ValueError, match=r"only a ReduceLROnPlateau .* got scheduler=StepLR"):
+        fit(1, model, F.cross_entropy, opt, dl, scheduler=step_lr, scheduler_monitor="train_loss")
+    # any recorded name may be monitored, seconds and lr too
+    fit(1, model, F.cross_entropy, opt, dl, scheduler=plateau, scheduler_monitor="seconds",
+        progress=False)  # fmt: skip
+
+
 def test_bad_scheduler_options() -> None:
     model, other = twin_models()
     opt = optim.SGD(model.parameters(), lr=0.1)
@@ -411,14 +479,18 @@ def test_nan_loss_stops_the_run_naming_epoch_and_step(capsys: pytest.CaptureFixt
 
     model, _ = twin_models()
     dl = DataLoader(data(32), batch_size=8)
-    history = fit(
-        5, model, nan_at(1, 2), optim.SGD(model.parameters(), lr=0.1), dl, dl, callbacks=[End()]
+    reason = (
+        "TerminateOnNaN: the training loss was not finite at epoch 2 batch 3 "
+        "(state.epoch=1, state.step=2)"
     )
+    with pytest.warns(RuntimeWarning, match=re.escape(reason)):
+        history = fit(
+            5, model, nan_at(1, 2), optim.SGD(model.parameters(), lr=0.1), dl, dl, callbacks=[End()]
+        )
     assert len(history) == 1  # the broken epoch is not recorded
     assert ended[0].status == "stopped"
-    assert (
-        ended[0].stop_reason == "TerminateOnNaN: the training loss was not finite at epoch 1 step 2"
-    )
+    assert ended[0].stop_reason == reason
+    assert (history.status, history.stop_reason) == ("stopped", reason)
     assert capsys.readouterr().out.splitlines()[-1].startswith("stopped: TerminateOnNaN")
 
 
@@ -440,9 +512,11 @@ def test_nan_check_names_the_step_after_hundreds_unchecked() -> None:
     model, _ = twin_models()
     opt = optim.SGD(model.parameters(), lr=0.1)
     dl = DataLoader(data(300), batch_size=1)
-    fit(1, model, loss, opt, dl, progress=False, callbacks=[TerminateOnNaN(3600), End()])
+    with pytest.warns(RuntimeWarning, match="not finite at epoch 1 batch 201"):
+        fit(1, model, loss, opt, dl, progress=False, callbacks=[TerminateOnNaN(3600), End()])
     assert ended[0].stop_reason == (
-        "TerminateOnNaN: the training loss was not finite at epoch 0 step 200"
+        "TerminateOnNaN: the training loss was not finite at epoch 1 batch 201 "
+        "(state.epoch=0, state.step=200)"
     )
 
 
@@ -457,15 +531,16 @@ def test_nan_check_runs_before_checkpoint_like_callbacks() -> None:
 
     model, _ = twin_models()
     dl = DataLoader(data(32), batch_size=8)
-    fit(
-        3,
-        model,
-        nan_at(1, 3),
-        optim.SGD(model.parameters(), lr=0.1),
-        dl,
-        callbacks=[Saver()],
-        progress=False,
-    )
+    with pytest.warns(RuntimeWarning, match="TerminateOnNaN"):
+        fit(
+            3,
+            model,
+            nan_at(1, 3),
+            optim.SGD(model.parameters(), lr=0.1),
+            dl,
+            callbacks=[Saver()],
+            progress=False,
+        )
     assert saved == [0]  # the NaN epoch was never handed to the saver
 
 
@@ -484,3 +559,78 @@ def test_nan_check_can_be_switched_off() -> None:
     assert len(history) == 2 and math.isnan(history["train_loss"][0])
     with pytest.raises(ValueError, match=r"TerminateOnNaN\(check_seconds=...\)"):
         TerminateOnNaN(-1)
+
+
+def test_a_nan_loss_without_a_bar_warns_and_the_history_says_so() -> None:
+    """The issue's input: progress=False, a NaN loss at epoch 1 (index 1); fit returns normally."""
+    model, _ = twin_models()
+    dl = DataLoader(data(32), batch_size=8)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(3, model, nan_at(1, 0), opt, dl, dl, progress=False)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert messages == [
+        "TerminateOnNaN: the training loss was not finite at epoch 2 batch 1 "
+        "(state.epoch=1, state.step=0)"
+    ]
+    assert history.status == "stopped" and history.stop_reason == messages[0]
+    assert history["epoch"] == [1]
+    # what the model holds (documented): the weights as the check found them, not finite
+    assert not all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+def test_a_completed_run_says_so_on_its_history() -> None:
+    model, _ = twin_models()
+    dl = DataLoader(data(32), batch_size=8)
+    history = fit(1, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1), dl)
+    assert (history.status, history.stop_reason) == ("completed", None)
+
+
+def test_nan_gradients_under_a_finite_loss_at_the_last_step_stop_the_run() -> None:
+    """The issue's input: the loss is finite, the last step's gradient is NaN."""
+    model, _ = twin_models()
+    dl = DataLoader(data(32), batch_size=8)  # 4 steps
+    calls = {"n": 0}
+
+    def loss(out: Tensor, y: Tensor) -> Tensor:
+        value = F.cross_entropy(out, y)
+        calls["n"] += 1
+        if calls["n"] == 4:  # a finite value with a NaN gradient: 0 * sqrt'(0) = 0 * inf
+            total = out.sum()
+            zero = total - total.detach()
+            return value + torch.sqrt(zero) * 0.0
+        return value
+
+    ended: list[TrainState] = []
+
+    class End(Callback):
+        def on_fit_end(self, state: TrainState) -> None:
+            ended.append(state)
+
+    with pytest.warns(RuntimeWarning, match="weights became NaN or infinite in epoch 1"):
+        history = fit(
+            1,
+            model,
+            loss,
+            optim.SGD(model.parameters(), lr=0.1),
+            dl,
+            callbacks=[TerminateOnNaN(3600), End()],  # one check, at the epoch's end
+            progress=False,
+        )
+    assert history.status == "stopped"
+    assert history.stop_reason == (
+        "TerminateOnNaN: the weights became NaN or infinite in epoch 1 between batch 1 and "
+        "batch 4, with every loss finite: a non-finite gradient (see on_after_backward to find it)"
+    )
+    assert len(history) == 0
+
+
+def test_huge_finite_weights_whose_sum_overflows_do_not_stop_the_run() -> None:
+    model, _ = twin_models()
+    model.register_parameter("huge", nn.Parameter(torch.full((2,), 3e38)))  # sums to inf
+    dl = DataLoader(data(32), batch_size=8)
+    history = fit(
+        2, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1), dl, progress=False
+    )
+    assert history.status == "completed" and len(history) == 2

@@ -304,3 +304,53 @@ def test_nan_loss_is_recorded_not_hidden(tabular: tuple[TensorDataset, TensorDat
 
     history = fit(1, model, nan_loss, opt, train_dl, progress=False, terminate_on_nan=False)
     assert math.isnan(history["train_loss"][0])
+
+
+# --- leftover gradients (defect 7) ------------------------------------------------------------
+
+
+def stray_backward(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    """What the Quickstart and the blitz do before training: one forward and backward."""
+    torch.autograd.backward(F.cross_entropy(model(x), y))
+
+
+def test_fit_zeroes_gradients_left_by_a_stray_backward_before_its_first_step(
+    tabular: tuple[TensorDataset, TensorDataset],
+) -> None:
+    """The issue's input: `loss.backward()` before `fit`. fit's weights equal, bitwise, those of
+    the blitz's loop, which zeroes the gradients before each step."""
+    x, y = tabular[0].tensors
+    model_a, opt_a, train_a, _ = linear_setup(tabular)
+    stray_backward(model_a, x[:10], y[:10])
+    torch.manual_seed(1)
+    for _ in range(2):  # the blitz's loop: zero_grad, forward, backward, step
+        for xb, yb in train_a:
+            opt_a.zero_grad()
+            torch.autograd.backward(F.cross_entropy(model_a(xb), yb))
+            opt_a.step()
+
+    model_b, opt_b, train_b, _ = linear_setup(tabular)
+    stray_backward(model_b, x[:10], y[:10])
+    assert all(p.grad is not None and bool(p.grad.any()) for p in model_b.parameters())
+    torch.manual_seed(1)
+    fit(2, model_b, F.cross_entropy, opt_b, train_b, progress=False)
+
+    for pa, pb in zip(model_a.parameters(), model_b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_loss_batch_keeps_the_tutorials_order_and_adds_leftover_gradients() -> None:
+    torch.manual_seed(0)
+    model, twin = nn.Linear(4, 2), nn.Linear(4, 2)
+    twin.load_state_dict(model.state_dict())
+    xb, yb = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for m in (model, twin):
+        stray_backward(m, xb, yb)
+    loss_batch(model, F.cross_entropy, xb, yb, optim.SGD(model.parameters(), lr=0.1))
+    # by hand, the tutorial's order: backward (adding to what is there), step, zero_grad
+    opt = optim.SGD(twin.parameters(), lr=0.1)
+    torch.autograd.backward(F.cross_entropy(twin(xb), yb))
+    opt.step()
+    opt.zero_grad()
+    for pa, pb in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(pa, pb)

@@ -61,6 +61,10 @@ class Scripted(Callback):
     def __init__(self, values: list[float]) -> None:
         self.values = values
 
+    def on_fit_start(self, state: TrainState) -> None:
+        # a figure a callback adds is declared before the monitoring callbacks check names
+        state.recorded_names = (*(state.recorded_names or ()), "val_loss")
+
     def on_epoch_end(self, state: TrainState) -> None:
         state.metrics["val_loss"] = self.values[state.epoch]
 
@@ -424,8 +428,8 @@ def test_filename_templates_are_checked_when_built(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ValueError, match=re.escape(problem)):
             ModelCheckpoint(tmp_path, filename=bad)
-    # a field the run does not record is named at the first save, with the names it records
-    with pytest.raises(KeyError, match=r"uses 'val_acc'; this run records \['epoch', 'lr'"):
+    # a field the run does not record is refused before the first step, with the names it records
+    with pytest.raises(ValueError, match=r"filename='\{val_acc\}'\): this run does not record"):
         train(1, [ModelCheckpoint(tmp_path / "k", filename="{val_acc}")], valid=True)
 
 
@@ -499,7 +503,7 @@ def test_a_run_that_fails_to_start_leaves_no_directory_behind(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match=r"fit\(resume='typo'\): no such file"):
-        train(2, [ModelCheckpoint("runs/ck")], resume=Path("typo"))
+        train(2, [ModelCheckpoint("runs/ck")], resume=Path("typo"), valid=True)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -515,3 +519,13 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path: Path) -> 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == sorted(
         [alive, ".notes.tmp"]
     )
+
+
+def test_a_misspelled_template_field_is_refused_before_the_first_step(tmp_path: Path) -> None:
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    dl = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
+    mc = ModelCheckpoint(tmp_path / "ck", filename="{epoch}-{val_acc:.3f}")
+    with pytest.raises(ValueError, match=r"filename=.*does not record 'val_acc'"):
+        fit(1, model, F.cross_entropy, opt, dl, dl, callbacks=[mc], progress=False)
+    assert not (tmp_path / "ck").exists()

@@ -22,8 +22,24 @@ def test_columns_and_rows() -> None:
 
 
 def test_unknown_name_lists_what_exists() -> None:
-    with pytest.raises(KeyError, match=r"'val_acc'.*recorded names: \['epoch', 'train_loss'"):
+    with pytest.raises(KeyError, match=r"'val_acc'.*Recorded names: \['epoch', 'train_loss'"):
         history()["val_acc"]
+
+
+def test_a_misspelled_name_gets_the_close_match() -> None:
+    # the input: History["val_los"]
+    with pytest.raises(KeyError, match=r"History has no 'val_los'\. Did you mean 'val_loss'\?"):
+        history()["val_los"]
+    with pytest.raises(KeyError, match=r"Did you mean 'val_loss'\? \(validation figures are"):
+        history()["loss"]
+    with pytest.raises(KeyError) as info:
+        history()["zzz"]
+    assert "Did you mean" not in str(info.value)
+
+
+def test_a_history_built_by_hand_is_running_until_fit_sets_its_status() -> None:
+    h = history()
+    assert (h.status, h.stop_reason) == ("running", None)
 
 
 def test_prints_as_an_aligned_table() -> None:

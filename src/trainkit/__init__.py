@@ -51,7 +51,7 @@ from trainkit.metrics import (
     accuracy,
     top_k_accuracy,
 )
-from trainkit.state import History, Status, TrainState
+from trainkit.state import EvalState, History, Status, TrainState
 from trainkit.transforms import OneHot, one_hot
 
 __version__ = "0.1.0"
@@ -70,6 +70,7 @@ __all__ = [
     "DatasetError",
     "DeviceDataLoader",
     "EarlyStopping",
+    "EvalState",
     "History",
     "LRFinderResult",
     "Lambda",

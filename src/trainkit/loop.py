@@ -33,8 +33,17 @@ from trainkit.checkpoint import (
 )
 from trainkit.data import _canonical, _to_device, set_epoch
 from trainkit.distributed import is_distributed, rank, world_size
-from trainkit.metrics import SYNCED, Mean, Metric, MetricArg, move_metrics, named_metrics
-from trainkit.state import History, TrainState
+from trainkit.metrics import (
+    SYNCED,
+    ConfusionMatrix,
+    Mean,
+    Metric,
+    MetricArg,
+    PerClassAccuracy,
+    move_metrics,
+    named_metrics,
+)
+from trainkit.state import EvalState, History, TrainState
 
 __all__ = ["Amp", "LossFn", "Scheduler", "evaluate", "fit", "loss_batch", "predict"]
 
@@ -54,7 +63,9 @@ def loss_batch(
         loss_func: Called as `loss_func(model(xb), yb)`; must return a 0-dim tensor.
         xb: Inputs.
         yb: Targets.
-        opt: If given: backward, `opt.step()`, `opt.zero_grad()`.
+        opt: If given: backward, `opt.step()`, `opt.zero_grad()`, in the tutorial's order:
+            gradients left in the parameters before the call are added into this step, as
+            in the tutorial's loop (`fit` zeroes them before its first step).
 
     Returns:
         `(loss, len(xb))`, the loss as a Python float. Reading it waits for the device once
@@ -104,6 +115,7 @@ def fit(
     device: torch.device | str | None = None,
     scheduler: Scheduler | None = None,
     scheduler_interval: Literal["epoch", "step"] = "epoch",
+    scheduler_monitor: str | None = None,
     amp: Amp | None = None,
     accumulate: int = 1,
     clip_grad_norm: float | None = None,
@@ -120,7 +132,15 @@ def fit(
     `opt.step()`, `opt.zero_grad()`; then, given `valid_dl`, `model.eval()` and under
     `torch.no_grad()` the validation loss (weighted by batch size, as the tutorial) and metrics.
     Batches are moved to the model's device. Nothing in a training step reads a value back from
-    the device, except the progress bar and the NaN check at their refresh interval.
+    the device, except the progress bar and the NaN check at their refresh interval. Before
+    the first step, `fit` zeroes the optimizer's gradients (`opt.zero_grad()`), so gradients
+    left by code run before it (a `loss.backward()` in a notebook cell) do not leak into the
+    first update; `loss_batch` keeps the tutorial's order instead.
+
+    The names each epoch records (`epoch`, `train_loss`, with `valid_dl` also `val_loss` and
+    `val_<metric>`, then `lr`, `seconds`) are known before the first step, as
+    `state.recorded_names`: a monitored name that is not among them (`EarlyStopping`,
+    `ModelCheckpoint`, `scheduler_monitor`) is refused at the start, not after an epoch.
 
     Args:
         epochs: Number of passes over `train_dl`, at least 1.
@@ -138,10 +158,13 @@ def fit(
         device: Move the model there first; by default batches go to the device of the model's
             first parameter (the CPU for a model without parameters).
         scheduler: A learning-rate scheduler over `opt`, stepped every `scheduler_interval`.
-            `ReduceLROnPlateau` is stepped once per epoch with `val_loss` (`train_loss` without
-            validation data). History records the learning rate each epoch ended with.
+            `ReduceLROnPlateau` is stepped once per epoch with `scheduler_monitor`. History
+            records the learning rate each epoch ended with.
         scheduler_interval: `"epoch"` (after validation) or `"step"` (after every optimizer
             step, as `OneCycleLR` needs).
+        scheduler_monitor: The recorded name a `ReduceLROnPlateau` scheduler is stepped with
+            (`"val_accuracy"` for a `mode="max"` scheduler); by default `"val_loss"`, or
+            `"train_loss"` without `valid_dl`. Only for `ReduceLROnPlateau`.
         amp: Mixed precision: `"bf16"` autocasts forward and loss to bfloat16 (CPU or CUDA);
             `"fp16"` to float16 with a `GradScaler` (CUDA only). `None`: full precision.
         accumulate: Optimizer step every `accumulate` batches, each batch's loss divided so the
@@ -153,7 +176,8 @@ def fit(
             (faster convolutions on many devices).
         compile: Run the forward pass through `torch.compile` (skipped with a warning where
             this Python or platform cannot compile). Checkpoints still see the plain model.
-        terminate_on_nan: Add `TerminateOnNaN()`: stop at the first NaN or infinite loss.
+        terminate_on_nan: Add `TerminateOnNaN()`: stop at the first NaN or infinite loss (or
+            weights), with a warning; see `TerminateOnNaN` for what the model then holds.
         resume: A checkpoint file, or a `ModelCheckpoint` directory (its `last.ckpt`), to
             continue from: model, optimizer, scheduler, scaler, callbacks, History, random
             generators and the position in the epoch are restored, and the batches after it are
@@ -164,11 +188,14 @@ def fit(
     `KeyboardInterrupt` propagates.
 
     Returns:
-        The `History` of the run: one record per completed epoch.
+        The `History` of the run: one record per completed epoch; `history.status` is
+        `"completed"` or `"stopped"`, and `history.stop_reason` says why it stopped.
 
     Raises:
         ValueError: `epochs` < 1, empty `train_dl`, `opt` holds none of the model's parameters,
-            metrics without `valid_dl`, a loss that is not 0-dim, or a bad option (named).
+            metrics without `valid_dl`, a loss that is not 0-dim, a monitored name the run does
+            not record (before the first step, with the names it does), or a bad option
+            (named).
         TypeError: a batch that is not an `(input, target)` pair, or a loss that is not a tensor.
         Exception: any error raised by the model, the loss or a callback, unchanged, after
             `on_exception` and `on_fit_end` ran.
@@ -185,6 +212,15 @@ def fit(
         ...               metrics=[accuracy], progress=False)
         >>> len(history["val_accuracy"])
         2
+        >>> history.status
+        'completed'
+
+        A `mode="max"` plateau scheduler stepped with the validation accuracy:
+
+        >>> plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
+        >>> history = fit(2, model, F.cross_entropy, opt, train_dl, valid_dl,
+        ...               metrics=[accuracy], scheduler=plateau,
+        ...               scheduler_monitor="val_accuracy", progress=False)
     """
     _check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
     if device is not None:
@@ -196,6 +232,7 @@ def fit(
     )  # fmt: skip
     named = named_metrics(metrics)
     move_metrics(named, dev)
+    run.plateau_monitor = _plateau_monitor(scheduler, scheduler_monitor, valid_dl)
     given = {type(cb) for cb in callbacks}
     extra: list[Callback] = []
     if terminate_on_nan and TerminateOnNaN not in given:
@@ -203,16 +240,20 @@ def fit(
     if progress is not False and ProgressBar not in given:  # the caller's own bar replaces ours
         extra.append(ProgressBar(force_bar=progress is True))
     cbs = sort_callbacks([*callbacks, *extra])
-    hooks = {name: [getattr(cb, name) for cb in cbs if overrides(cb, name)] for name in HOOKS}
+    hooks = _hooks(cbs)
     state = TrainState(
         model, loss_func, opt, train_dl, valid_dl, epochs, dev,
         scheduler=scheduler, scaler=run.scaler, callbacks=cbs,
+        recorded_names=_recorded_names(valid_dl, named),
     )  # fmt: skip
+    if run.plateau_monitor is not None:
+        state.check_monitor(run.plateau_monitor, "fit(scheduler_monitor=...)")
     restore_sigint = _defer_sigint(state)
     try:
         _call(hooks["on_fit_start"], state)
         ckpt = _resume(state, resume) if resume is not None else None
         start = 0 if ckpt is None else ckpt.epoch + ckpt.epoch_complete
+        opt.zero_grad()  # gradients left by code run before fit must not leak into its first step
         for epoch in range(start, epochs):
             state.epoch = epoch
             mid_epoch = ckpt is not None and not ckpt.epoch_complete and epoch == ckpt.epoch
@@ -222,6 +263,7 @@ def fit(
         state.status, state.stop_reason = "stopped", str(stop)
     except BaseException as exc:
         state.status, state.exception = "failed", exc
+        state.history.status = "failed"
         if is_distributed():
             exc.add_note(
                 f"trainkit: on rank {rank()} of {world_size()}; if another rank failed first, "
@@ -234,8 +276,51 @@ def fit(
         raise
     finally:
         restore_sigint()
-    _call(hooks["on_fit_end"], state)
+    state.history.status, state.history.stop_reason = state.status, state.stop_reason
+    failed: Exception | None = None
+    for on_fit_end in hooks["on_fit_end"]:  # a stop requested here has nothing left to stop
+        if failed is not None:  # every one runs: a later callback may release a lock, a file
+            _note_failure(failed, on_fit_end, state)
+            continue
+        try:
+            on_fit_end(state)
+        except Exception as err:
+            failed = err
+    if failed is not None:
+        raise failed
     return state.history
+
+
+def _hooks(callbacks: Sequence[Callback]) -> dict[str, list[Callable[..., None]]]:
+    """Each hook's bound methods, of the callbacks that override it, in firing order."""
+    return {name: [getattr(cb, name) for cb in callbacks if overrides(cb, name)] for name in HOOKS}
+
+
+def _recorded_names(valid_dl: Iterable[Any] | None, metrics: dict[str, Metric]) -> tuple[str, ...]:
+    """The names each epoch's History record holds, in order, known before the first step."""
+    names = ["epoch", "train_loss"]
+    if valid_dl is not None:
+        names.append("val_loss")
+        # results with more than one element go to History.tensors, not the record
+        tensor_valued = (PerClassAccuracy, ConfusionMatrix)
+        names += [f"val_{n}" for n, m in metrics.items() if not isinstance(m, tensor_valued)]
+    return (*names, "lr", "seconds")
+
+
+def _plateau_monitor(
+    scheduler: Scheduler | None, monitor: str | None, valid_dl: Iterable[Any] | None
+) -> str | None:
+    """The name a `ReduceLROnPlateau` is stepped with; `None` for other schedulers."""
+    if not isinstance(scheduler, ReduceLROnPlateau):
+        if monitor is not None:
+            raise ValueError(
+                f"fit(scheduler_monitor={monitor!r}): only a ReduceLROnPlateau scheduler is "
+                f"stepped with a monitored figure; got scheduler={type(scheduler).__name__}"
+            )
+        return None
+    if monitor is not None and not isinstance(monitor, str):
+        raise TypeError(f"fit(scheduler_monitor=...): expected a str, got {monitor!r}")
+    return monitor or ("val_loss" if valid_dl is not None else "train_loss")
 
 
 def _resume(state: TrainState, resume: str | os.PathLike[str]) -> Checkpoint:
@@ -290,6 +375,7 @@ class _Run:
     clip_grad_norm: float | None
     clip_grad_value: float | None
     channels_last: bool
+    plateau_monitor: str | None = None  # what a ReduceLROnPlateau is stepped with
 
     @classmethod
     def build(
@@ -370,7 +456,7 @@ def _train_epoch(
 ) -> None:
     model, loss_func, dev, forward = state.model, state.loss_func, state.device, run.forward
     batch_start, batch_end = hooks["on_train_batch_start"], hooks["on_train_batch_end"]
-    before_step = hooks["on_before_optimizer_step"]
+    after_backward = hooks["on_after_backward"]
     accumulate, autocast, scaler = run.accumulate, run.autocast, run.scaler
     # with accumulation, the last group of a sized loader may be shorter: divide by its size
     n = len(state.train_dl) if isinstance(state.train_dl, Sized) else -1
@@ -386,8 +472,8 @@ def _train_epoch(
         if run.channels_last and isinstance(xb, Tensor) and xb.ndim == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         state.step, state.xb, state.yb = step, xb, yb
-        for hook in batch_start:
-            hook(state)
+        if batch_start:
+            _call_in_step(batch_start, state)
         # under DDP, gradients are reduced only on the batch that ends an accumulation group
         no_sync = run.ddp is not None and pending + 1 < accumulate and step + 1 != n
         with run.ddp.no_sync() if no_sync else _NULL:  # type: ignore[union-attr]
@@ -400,22 +486,25 @@ def _train_epoch(
                     n - full_groups_end if 0 <= full_groups_end <= step else accumulate
                 )
             torch.autograd.backward(scaler.scale(scaled) if scaler is not None else scaled)
-        state.output = out
+        state.output, state.loss = out, loss.detach()
+        if after_backward:
+            _call_in_step(after_backward, state)
         pending += 1
         if pending == accumulate or step + 1 == n:
-            _optimizer_step(state, before_step, run)
+            _optimizer_step(state, hooks, run)
             pending = 0
-        state.loss = loss.detach()
         train_loss.update(state.loss, _batch_size(state.xb, state.yb))
         state.batches_done = step + 1
-        for hook in batch_end:
-            hook(state)
+        if batch_end:
+            _call_in_step(batch_end, state)
         if state.interrupted:
             raise KeyboardInterrupt
+        if state.should_stop:  # requested in one of this batch's hooks, all of which ran
+            raise StopTraining(state.stop_reason)
     if train_loss.count == 0:
         raise ValueError("fit(train_dl=...): the training loader yielded no batches")
     if pending:  # a loader without a length ended inside an accumulation group
-        _optimizer_step(state, before_step, run)
+        _optimizer_step(state, hooks, run)
     _call(hooks["on_train_epoch_end"], state)
     if is_distributed():
         train_loss.sync()  # the loss over every process's batches
@@ -427,22 +516,22 @@ def _train_epoch(
     tensors: dict[str, Tensor] = {}
     if state.valid_dl is not None:
         model.eval()
-        _call(hooks["on_validation_start"], state)
         figures, tensors = _evaluate(
             run.evaluate_forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
-            state, hooks["on_validation_batch_end"], autocast,
+            state, _VALIDATION_HOOKS, hooks, autocast,
         )  # fmt: skip
         record.update({f"val_{name}": value for name, value in figures.items()})
         tensors = {f"val_{name}": value for name, value in tensors.items()}
         state.metrics = {**state.metrics, **record}
         _call(hooks["on_validation_end"], state)
     record["lr"] = float(state.opt.param_groups[0]["lr"])
+    record["seconds"] = time.perf_counter() - started
     if run.scheduler is not None and not run.step_scheduler:
         if isinstance(run.scheduler, ReduceLROnPlateau):
-            run.scheduler.step(record.get("val_loss", record["train_loss"]))
+            assert run.plateau_monitor is not None  # checked against the recorded names
+            run.scheduler.step(record[run.plateau_monitor])
         else:
             run.scheduler.step()
-    record["seconds"] = time.perf_counter() - started
     state.history.append(record, tensors)
     state.metrics = dict(record)
     _call(hooks["on_epoch_end"], state)
@@ -479,13 +568,16 @@ def _start_epoch(
     return enumerate(batches, start=resume.step), train_loss
 
 
-def _optimizer_step(state: TrainState, before_step: list[Callable[..., None]], run: _Run) -> None:
-    """Hooks, unscale, clip, step, zero_grad, per-step scheduler: one optimizer step."""
+def _optimizer_step(
+    state: TrainState, hooks: dict[str, list[Callable[..., None]]], run: _Run
+) -> None:
+    """Unscale, hooks, clip, step, hooks, zero_grad, per-step scheduler: one optimizer step."""
     opt, scaler = state.opt, run.scaler
+    before_step, before_zero_grad = hooks["on_before_optimizer_step"], hooks["on_before_zero_grad"]
     if scaler is not None:
         scaler.unscale_(opt)  # hooks and clipping see the true gradients
-    for hook in before_step:
-        hook(state)
+    if before_step:
+        _call_in_step(before_step, state)
     if run.clip_grad_norm is not None or run.clip_grad_value is not None:
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
         if run.clip_grad_value is not None:
@@ -497,6 +589,8 @@ def _optimizer_step(state: TrainState, before_step: list[Callable[..., None]], r
         scaler.update()
     else:
         opt.step()
+    if before_zero_grad:  # the gradients as clipped and used by the step
+        _call_in_step(before_zero_grad, state)
     opt.zero_grad()
     if run.step_scheduler:
         assert run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau)
@@ -511,6 +605,7 @@ def evaluate(
     metrics: MetricArg = (),
     *,
     device: torch.device | str | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> dict[str, float]:
     """The loss and metrics of `model` over `dl`, without training (the Quickstart's test loop).
 
@@ -523,6 +618,9 @@ def evaluate(
         dl: Yields `(xb, yb)` pairs.
         metrics: As for `fit`.
         device: Where batches go; the model's device by default.
+        callbacks: `Callback`s whose `on_evaluate_start`, `on_evaluate_batch_start`,
+            `on_evaluate_batch_end` and `on_evaluate_end` hooks run, each with an `EvalState`
+            (a hook may replace `state.xb`/`state.yb` in `on_evaluate_batch_start`).
 
     Returns:
         `{"loss": ..., "<metric name>": ...}` as Python floats. Metrics whose result has more
@@ -531,25 +629,45 @@ def evaluate(
 
     Raises:
         ValueError: `dl` yielded no batches, or a loss that is not 0-dim.
-        TypeError: a batch that is not an `(input, target)` pair.
+        TypeError: a batch that is not an `(input, target)` pair, or a callback that is not a
+            `Callback`.
+        Exception: an error raised by a callback (`StopTraining` too), unchanged.
 
     Example:
         >>> import torch.nn.functional as F
-        >>> from trainkit import accuracy
+        >>> from trainkit import accuracy, Callback
         >>> model = nn.Linear(4, 2)
         >>> test_dl = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
         >>> sorted(evaluate(model, F.cross_entropy, test_dl, [accuracy]))
         ['accuracy', 'loss']
+        >>> class Show(Callback):
+        ...     def on_evaluate_end(self, state: EvalState) -> None:
+        ...         print(sorted(state.metrics))
+        >>> _ = evaluate(model, F.cross_entropy, test_dl, callbacks=[Show()])
+        ['loss']
     """
     named = named_metrics(metrics)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
     move_metrics(named, dev)
+    hooks = _hooks(sort_callbacks(callbacks))
+    state = EvalState(model, dl, dev, loss_func) if callbacks else None
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, loss_func, dl, "dl", dev, named)[0]
+        results, _ = _evaluate(
+            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks
+        )
+        if state is not None and hooks["on_evaluate_end"]:
+            state.metrics = dict(results)
+            with torch.no_grad():
+                _call_eval(hooks["on_evaluate_end"], state)
+        return results
     finally:
         model.train(was_training)
+
+
+_VALIDATION_HOOKS = ("on_validation_start", "on_validation_batch_start", "on_validation_batch_end")
+_EVALUATE_HOOKS = ("on_evaluate_start", "on_evaluate_batch_start", "on_evaluate_batch_end")
 
 
 def _evaluate(
@@ -559,26 +677,36 @@ def _evaluate(
     arg: str,
     dev: torch.device,
     metrics: dict[str, Metric],
-    state: TrainState | None = None,
-    batch_end: Sequence[Callable[[TrainState], None]] = (),
+    state: TrainState | EvalState | None = None,
+    names: tuple[str, str, str] = _VALIDATION_HOOKS,
+    hooks: dict[str, list[Callable[..., None]]] | None = None,
     autocast: torch.autocast | None = None,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """One pass over `dl` under `no_grad`: the loss and metrics, with the `names` hooks."""
     loss = Mean()
     for m in metrics.values():
         m.reset()
-    with torch.no_grad(), autocast or contextlib.nullcontext():
+    start, batch_start, batch_end = ([], [], []) if hooks is None else (hooks[n] for n in names)
+    with torch.no_grad():
+        if start and state is not None:
+            _call_any(start, state)
         for step, batch in enumerate(dl):
             xb, yb = _pair(batch, arg)
             xb, yb = _to_device(xb, dev), _to_device(yb, dev)
-            out = model(xb)
-            loss.update(_check_loss(loss_func(out, yb), loss_func), _batch_size(xb, yb))
-            for m in metrics.values():
-                m.update(out, yb)
+            if batch_start and state is not None:
+                state.step, state.xb, state.yb = step, xb, yb
+                _call_any(batch_start, state)
+                xb, yb = state.xb, state.yb
+            with autocast or _NULL:
+                out = model(xb)
+                loss.update(_check_loss(loss_func(out, yb), loss_func), _batch_size(xb, yb))
+                for m in metrics.values():
+                    m.update(out, yb)
             if state is not None:
                 state.step, state.xb, state.yb, state.output = step, xb, yb, out
-                for hook in batch_end:
-                    hook(state)
-                if state.interrupted:
+                if batch_end:
+                    _call_any(batch_end, state)
+                if isinstance(state, TrainState) and state.interrupted:
                     raise KeyboardInterrupt
     if loss.count == 0:
         raise ValueError(f"{arg}: the loader yielded no batches")
@@ -599,7 +727,11 @@ def _evaluate(
 
 
 def predict(
-    model: nn.Module, dl: Iterable[Any], *, device: torch.device | str | None = None
+    model: nn.Module,
+    dl: Iterable[Any],
+    *,
+    device: torch.device | str | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> Tensor:
     """The model's outputs over `dl`, concatenated along the first dimension.
 
@@ -610,27 +742,51 @@ def predict(
         model: The model; its outputs must be tensors.
         dl: Yields input batches or `(xb, yb)` pairs.
         device: Where batches go; the model's device by default.
+        callbacks: `Callback`s whose `on_predict_start`, `on_predict_batch_start`,
+            `on_predict_batch_end` and `on_predict_end` hooks run, each with an `EvalState`
+            (a hook may replace `state.xb` in `on_predict_batch_start`).
 
     Returns:
         A tensor with one row per sample, on the model's device.
 
     Raises:
         ValueError: `dl` yielded no batches.
+        TypeError: a callback that is not a `Callback`.
+        Exception: an error raised by a callback (`StopTraining` too), unchanged.
 
     Example:
+        >>> from trainkit import Callback
         >>> model = nn.Linear(4, 3)
         >>> predict(model, [torch.randn(8, 4), torch.randn(2, 4)]).shape
         torch.Size([10, 3])
+        >>> class Sizes(Callback):
+        ...     def on_predict_batch_end(self, state: EvalState) -> None:
+        ...         print(state.step, tuple(state.output.shape))
+        >>> _ = predict(model, [torch.randn(8, 4), torch.randn(2, 4)], callbacks=[Sizes()])
+        0 (8, 3)
+        1 (2, 3)
     """
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    hooks = _hooks(sort_callbacks(callbacks))
+    state = EvalState(model, dl, dev)
     was_training = model.training
     model.eval()
     outputs: list[Tensor] = []
     try:
         with torch.no_grad():
-            for batch in dl:
+            _call_eval(hooks["on_predict_start"], state)
+            for step, batch in enumerate(dl):
                 xb = batch[0] if isinstance(batch, tuple | list) else batch
-                outputs.append(model(_to_device(xb, dev)))
+                xb = _to_device(xb, dev)
+                if hooks["on_predict_batch_start"]:
+                    state.step, state.xb = step, xb
+                    _call_eval(hooks["on_predict_batch_start"], state)
+                    xb = state.xb
+                outputs.append(model(xb))
+                if hooks["on_predict_batch_end"]:
+                    state.step, state.xb, state.output = step, xb, outputs[-1]
+                    _call_eval(hooks["on_predict_batch_end"], state)
+            _call_eval(hooks["on_predict_end"], state)
     finally:
         model.train(was_training)
     if not outputs:
@@ -639,8 +795,31 @@ def predict(
 
 
 def _call(hooks: list[Callable[..., None]], state: TrainState) -> None:
+    """Run an event's hooks; a stop requested by any lets the others run, then stops the run."""
+    _call_in_step(hooks, state)
+    if state.should_stop:
+        raise StopTraining(state.stop_reason)
+
+
+def _call_eval(hooks: list[Callable[..., None]], state: EvalState) -> None:
     for hook in hooks:
         hook(state)
+
+
+def _call_any(hooks: list[Callable[..., None]], state: TrainState | EvalState) -> None:
+    if isinstance(state, TrainState):
+        _call(hooks, state)
+    else:
+        _call_eval(hooks, state)
+
+
+def _call_in_step(hooks: list[Callable[..., None]], state: TrainState) -> None:
+    """Run the hooks of an event inside a training step: a stop is acted on after the step."""
+    for hook in hooks:
+        try:
+            hook(state)
+        except StopTraining as stop:  # as Keras' stop_training flag: finish, then stop
+            state.stop(str(stop))
 
 
 def _note_failure(exc: BaseException, hook: Callable[..., None], *args: Any) -> None:

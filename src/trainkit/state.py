@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -16,7 +17,7 @@ from torch.optim import Optimizer
 if TYPE_CHECKING:  # matplotlib is optional (`trainkit[plot]`); only History.plot imports it
     from matplotlib.figure import Figure
 
-__all__ = ["History", "Status", "TrainState"]
+__all__ = ["EvalState", "History", "Status", "TrainState"]
 
 Status = Literal["running", "completed", "stopped", "failed"]
 """How a run stands: `"running"` during `fit`; in `on_fit_end`, `"completed"` (every epoch ran),
@@ -33,6 +34,16 @@ class History:
     Metric results with more than one element (`val_per_class_accuracy`,
     `val_confusion_matrix`) are kept as CPU tensors: `history.tensors("val_per_class_accuracy")`.
 
+    The History that `fit` returns also says how the run ended, so a stop is visible without a
+    progress bar: `status` is `"completed"` or `"stopped"` (`"running"` while `fit` runs, and
+    for a History built by hand), and `stop_reason` the message of the stop (`None` unless
+    stopped), e.g. `"TerminateOnNaN: the training loss was not finite at epoch 2 batch 3 ..."`.
+
+    Attributes:
+        records: The epochs' records, in order.
+        status: How the run that wrote this History ended (see above).
+        stop_reason: Why it was stopped, or `None`.
+
     Example:
         >>> h = History()
         >>> h.append({"epoch": 1, "train_loss": 0.9, "val_loss": 0.8})
@@ -41,11 +52,15 @@ class History:
         [0.8, 0.6]
         >>> h[-1]["epoch"]
         2
+        >>> h.status, h.stop_reason  # fit sets them on the History it returns
+        ('running', None)
     """
 
     def __init__(self, records: Iterable[dict[str, float]] = ()) -> None:
         self.records: list[dict[str, float]] = [dict(r) for r in records]
         self._tensors: list[dict[str, Tensor]] = [{} for _ in self.records]
+        self.status: Status = "running"
+        self.stop_reason: str | None = None
 
     def append(self, record: dict[str, float], tensors: dict[str, Tensor] | None = None) -> None:
         """Add one epoch's record, and its tensor-valued metric results if any.
@@ -113,12 +128,16 @@ class History:
         """`history["val_loss"]` is that column as a list; `history[-1]` is the last record.
 
         Raises:
-            KeyError: no epoch recorded `key`; the message lists the names that exist.
+            KeyError: no epoch recorded `key`; the message lists the names that exist and the
+                closest one (`did you mean 'val_loss'?`).
         """
         if isinstance(key, int):
             return self.records[key]
         if not any(key in r for r in self.records):
-            raise KeyError(f"History has no {key!r}; recorded names: {self.keys()}")
+            raise KeyError(
+                f"History has no {key!r}.{_did_you_mean(key, self.keys())} "
+                f"Recorded names: {self.keys()}"
+            )
         return [r[key] for r in self.records if key in r]
 
     def keys(self) -> list[str]:
@@ -281,6 +300,14 @@ def _save_png(fig: Figure, path: str | os.PathLike[str]) -> None:
         ) from err
 
 
+def _did_you_mean(name: str, names: Sequence[str]) -> str:
+    """`" Did you mean 'val_loss'?"` for the closest of `names` to `name`, or `""`."""
+    if not name.startswith("val_") and f"val_{name}" in names:
+        return f" Did you mean {'val_' + name!r}? (validation figures are prefixed val_)"
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -294,8 +321,10 @@ class TrainState:
     """Everything about a running `fit`, passed to every callback hook.
 
     Hooks read it, and may change `xb`/`yb` in `on_train_batch_start` (the step uses what they
-    leave there) or the gradients in `on_before_optimizer_step`. To stop the run, a hook raises
-    `StopTraining`.
+    leave there) or the gradients in `on_after_backward` / `on_before_optimizer_step`. To stop
+    the run, a hook raises `StopTraining(reason)` or calls `state.stop(reason)`: either way the
+    other callbacks' hooks of the same event still run, then the run stops (as Keras'
+    `model.stop_training` and Lightning's `trainer.should_stop`).
 
     Attributes:
         model, loss_func, opt, train_dl, valid_dl: The arguments of `fit`.
@@ -312,7 +341,17 @@ class TrainState:
         metrics: The last recorded epoch's figures (`train_loss`, `val_loss`, `val_accuracy`, ...).
         history: The records so far.
         status: `"running"`, then `"completed"`, `"stopped"` or `"failed"` in `on_fit_end`.
-        stop_reason: The message of the `StopTraining` that stopped the run, if any.
+        stop_reason: Why the run stops or stopped (the `StopTraining` messages or `stop`
+            reasons, joined by "; "), if any.
+        should_stop: A stop was requested; the run stops once the current event's hooks ran.
+        recorded_names: The names every epoch's History record will hold, known before the
+            first step: `epoch`, `train_loss`, then with validation data `val_loss` and
+            `val_<metric>` per metric, then `lr`, `seconds`. `PerClassAccuracy` and
+            `ConfusionMatrix`, whose results go to `History.tensors`, are left out (a metric
+            of yours with a multi-element result cannot be told apart before it is computed:
+            it is listed, and monitoring it fails at the epoch's end). A callback that adds a
+            figure of its own extends it in `on_fit_start`. `None` for a state built outside
+            `fit`.
         exception: The exception that failed the run, if any.
         scheduler: The learning-rate scheduler of `fit(scheduler=...)`, if any.
         scaler: The `GradScaler` of `fit(amp="fp16")`, if any.
@@ -356,3 +395,99 @@ class TrainState:
     epoch_rng: dict[str, Any] | None = None
     train_loss: Any = None
     interrupted: bool = False
+    should_stop: bool = False
+    recorded_names: tuple[str, ...] | None = None
+
+    def stop(self, reason: str) -> None:
+        """Ask the run to stop once every callback's hook of the current event has run.
+
+        The same as raising `StopTraining(reason)` from a hook. Requested in `on_epoch_end`,
+        the epoch is recorded and every callback's `on_epoch_end` sees it (checkpoints save
+        it); requested in a training batch's hook, that batch finishes (its step and every
+        hook up to `on_train_batch_end`) and the unfinished epoch is not recorded.
+
+        Args:
+            reason: Why; kept in `stop_reason` and `History.stop_reason`.
+
+        Example:
+            >>> from trainkit import Callback
+            >>> class StopAfterThree(Callback):
+            ...     def on_epoch_end(self, state: TrainState) -> None:
+            ...         if state.epoch == 2:  # the third epoch (state.epoch counts from 0)
+            ...             state.stop("three epochs are enough")
+        """
+        self.should_stop = True
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        elif reason not in self.stop_reason.split("; "):
+            self.stop_reason = f"{self.stop_reason}; {reason}"
+
+    def check_monitor(self, name: str, owner: str) -> None:
+        """Refuse a monitored name the run's epochs will not record, before the first step.
+
+        Args:
+            name: The monitored name (`"val_loss"`, `"val_accuracy"`, ...).
+            owner: Who monitors it, as the user wrote it: `"EarlyStopping(monitor=...)"`.
+
+        Raises:
+            ValueError: `name` is not in `recorded_names`; the message lists them and the
+                closest one (`did you mean 'val_loss'?`). Does nothing when `recorded_names`
+                is `None` (a state built outside `fit`).
+
+        Example:
+            >>> model = nn.Linear(2, 2)
+            >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            >>> state = TrainState(model, torch.nn.functional.mse_loss, opt, [], None, 1,
+            ...                    torch.device("cpu"), recorded_names=("epoch", "val_loss"))
+            >>> state.check_monitor("val_los", "MyCallback")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: MyCallback: this run does not record 'val_los'. Did you mean 'val_loss'? ...
+        """
+        names = self.recorded_names
+        if names is None or name in names:
+            return
+        hint = _did_you_mean(name, names)
+        if name.startswith("val_") and "val_loss" not in names:
+            hint += " val_ names are recorded only with validation data: fit(valid_dl=...)."
+        raise ValueError(
+            f"{owner}: this run does not record {name!r}.{hint} Each epoch records "
+            f"{list(names)} (tensor-valued metric results go to History.tensors, not monitored)."
+        )
+
+
+@dataclass(eq=False)
+class EvalState:
+    """What callbacks of `evaluate(..., callbacks=...)` and `predict(..., callbacks=...)` see.
+
+    Their hooks (`on_evaluate_start`, `on_evaluate_batch_start`, `on_evaluate_batch_end`,
+    `on_evaluate_end`, and the same with `predict`) each take this object.
+
+    Attributes:
+        model: The model, in eval mode; hooks run under `torch.no_grad()`.
+        dl: The loader being evaluated or predicted.
+        device: Where batches are moved.
+        loss_func: The loss of `evaluate`; `None` in `predict`.
+        step: Index of the current batch.
+        xb, yb: The current batch on `device` (`yb` is `None` in `predict`).
+        output: The model's output for the current batch (set before `..._batch_end`).
+        metrics: In `on_evaluate_end`, the results `evaluate` returns (`loss`, metrics).
+
+    Example:
+        >>> from trainkit import Callback
+        >>> class CountBatches(Callback):
+        ...     def __init__(self) -> None:
+        ...         self.n = 0
+        ...     def on_predict_batch_end(self, state: EvalState) -> None:
+        ...         self.n += 1
+    """
+
+    model: nn.Module
+    dl: Iterable[Any]
+    device: torch.device
+    loss_func: Callable[[Any, Any], Tensor] | None = None
+    step: int = 0
+    xb: Any = None
+    yb: Any = None
+    output: Any = None
+    metrics: dict[str, float] = field(default_factory=dict)

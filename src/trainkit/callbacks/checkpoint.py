@@ -76,11 +76,14 @@ class ModelCheckpoint(Callback):
 
     Raises:
         ValueError: a bad `mode`, `save_top_k`, `every_n_steps`, `every_n_epochs`, `monitor`
-            or `filename` (named in the message, with the valid choices).
+            or `filename` (named in the message, with the valid choices); at `on_fit_start`,
+            before the first step, `monitor` or a `filename` field is not a name the run
+            records (the names it records listed, with the closest one).
         ModuleNotFoundError: `save_weights_only=True` without the safetensors package.
         RuntimeError: at the start of `fit`, another live run holds `dirpath` (its pid named).
         KeyError: at the end of an epoch, `monitor` or a `filename` field is not recorded (the
-            names that are, listed).
+            names that are, listed; only outside `fit`'s checks, e.g. a figure a callback adds
+            without declaring it).
         CheckpointError: on resume, the saved state names a file outside `dirpath`.
         OSError: the directory or a file cannot be written (named); older files are kept.
 
@@ -208,8 +211,13 @@ class ModelCheckpoint(Callback):
         return name + (".safetensors" if self.save_weights_only else ".ckpt")
 
     def on_fit_start(self, state: TrainState) -> None:
-        # <- reserved: the check of the monitor's name against what fit records (#16, 2)
-
+        # every rank refuses a name the run will not record, before anything is written
+        if self.save_top_k:  # (with save_top_k=0 neither the monitor nor the template is used)
+            if self.monitor is not None:
+                state.check_monitor(self.monitor, "ModelCheckpoint(monitor=...)")
+            for _, field, _ in self._template:
+                if field is not None and field not in ("epoch", "step"):
+                    state.check_monitor(field, f"ModelCheckpoint(filename={self.filename!r})")
         if not is_main_process():  # under a process group only rank 0 writes
             return
         self._created = [p for p in (self.dirpath, *self.dirpath.parents) if not p.exists()]
