@@ -19,7 +19,8 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from torchvision.transforms import ToTensor
+from torchvision.transforms import Compose, PILToTensor, ToTensor
+from torchvision.transforms.v2 import ToDtype
 
 from trainkit import accuracy, evaluate, fashion_mnist, load_weights
 
@@ -58,7 +59,10 @@ def test_quickstart_smoke_trains_and_saves_weights(
     # when read from the data set with class indices
     assert (tmp_path / "images" / "labels.csv").read_text().count("\n") == 64
     model = load_weights(tmp_path / "model_weights.pth", quickstart.NeuralNetwork())
-    same_images = Subset(fashion_mnist(train=False, transform=ToTensor()), range(64))
+    # the same pixels as the example reads them (ToTensor divides by 255, ToDtype multiplies
+    # by 1/255: values an ulp apart), in the same batch of 64: so the same bits
+    as_read = Compose([PILToTensor(), ToDtype(torch.float32, scale=True)])
+    same_images = Subset(fashion_mnist(train=False, transform=as_read), range(64))
     direct = evaluate(model, nn.CrossEntropyLoss(), DataLoader(same_images, 64), [accuracy])
     assert final["files_accuracy"] == direct["accuracy"]
     assert final["files_loss"] == pytest.approx(direct["loss"], rel=1e-5)
