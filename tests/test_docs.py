@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tomllib
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -209,3 +210,58 @@ def test_the_training_loop_outline_in_the_callbacks_page_is_what_the_code_prints
     shown = block.split("\n", 1)[1].rstrip("\n")
     callbacks = [ProgressBar(), CSVLogger("runs/log.csv"), EarlyStopping()]
     assert shown == show_training_loop(callbacks, file=io.StringIO())
+
+
+def readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    found = re.search(rf"^## {re.escape(title)}.*?\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert found is not None, title
+    return found.group(1)
+
+
+def test_install_says_pypi_has_another_trainkit_and_how_to_install_from_the_clone(
+    tmp_path: Path,
+) -> None:
+    """`pip install trainkit` installs an unrelated project (0.0.2, 2023) today."""
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    wheel = f"dist/trainkit-{version}-py3-none-any.whl"
+    for text in (readme_section("Install"), (DOCS / "index.md").read_text()):
+        flat = " ".join(text.split())
+        assert "`pip install trainkit` installs an unrelated project" in flat
+        assert "(version 0.0.2, 2023)" in flat
+        assert "pip install ." in flat and "pip wheel --no-deps -w dist ." in flat
+        assert f"pip install {wheel}" in flat
+    # the wheel the pages name is the one that command builds (offline here: no isolation)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(ROOT)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert [p.name for p in (tmp_path / "dist").iterdir()] == [Path(wheel).name]
+
+
+def test_the_two_set_up_commands_come_with_their_cost_and_the_cpu_only_option() -> None:
+    setup = readme_section("Set up")
+    blocks = re.findall(r"```\n(.*?)```", setup, re.S)
+    assert blocks == ["make demo\nmake test\n"]  # exactly the two commands
+    flat = " ".join(setup.split())
+    assert "about 6 GB of disk for `.venv` (`du -sh .venv` gives 6.0G" in flat
+    assert "NVIDIA CUDA libraries (3.2G) and triton (0.9G)" in flat
+    assert "--index-url https://download.pytorch.org/whl/cpu" in flat
+    # "the make targets keep an installed torch": they reuse .venv and never upgrade it
+    makefile = (ROOT / "Makefile").read_text()
+    assert "test -x $(PY) || $(PYTHON) -m venv $(VENV)" in makefile
+    installs = [line for line in makefile.splitlines() if "pip install" in line]
+    assert [line for line in installs if "-e" in line and ("-U" in line or "upgrade" in line)] == []
+
+
+def test_the_demos_load_weights_line_is_explained_where_a_user_reads() -> None:
+    """The Quickstart's output line (checked in test_examples.py) reads as intended, and the
+    README and the docs say why it is there."""
+    example = (ROOT / "examples" / "quickstart.py").read_text()
+    assert "as intended, load_weights refuses it (it reads weights only)" in example
+    for text in (readme_section("Set up"), (DOCS / "index.md").read_text()):
+        flat = " ".join(text.split())
+        assert "as intended, load_weights refuses it (it reads weights only)" in flat
+        assert "is the expected outcome, not an error" in flat
+        assert "unsafe_load_pickled_model" in flat

@@ -319,12 +319,28 @@ def test_fit_on_real_fashion_mnist_learns() -> None:
     )
 
 
-def test_readme_usage_example_runs() -> None:
+def test_readme_usage_example_runs_and_validates_on_held_out_rows() -> None:
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S)
     assert code is not None
+    # after the example: how many validation rows were also training rows (x[:200] were all)
+    check = (
+        "seen = {tuple(r.tolist()) for xb, _ in train_dl for r in xb}\n"
+        "shared = sum(tuple(r.tolist()) in seen for xb, _ in valid_dl for r in xb)\n"
+        "print(f'validation rows also trained on: {shared}')\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", code.group(1)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code.group(1) + check], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "val_accuracy" in result.stdout
+    assert "validation rows also trained on: 0" in result.stdout
+    assert history_accuracy(result.stdout) > 0.8  # learnable: well above chance (1/3)
+
+
+def history_accuracy(table: str) -> float:
+    """The last val_accuracy of a printed History."""
+    lines = [line.split() for line in table.splitlines() if line.strip()]
+    header = next(i for i, cells in enumerate(lines) if cells[:2] == ["epoch", "train_loss"])
+    rows = [cells for cells in lines[header + 1 :] if cells[0].isdigit()]
+    return float(rows[-1][lines[header].index("val_accuracy")])
