@@ -32,9 +32,10 @@ history = fit(2, model, nn.functional.cross_entropy, opt, train, valid, metrics=
 def execute(*sources: str) -> Any:
     """Run the cells in a fresh kernel (bounded in time) and return the executed notebook."""
     cells: list[dict[str, Any]] = [
-        {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [], "source": s}
-        for s in sources
-    ]
+        {"cell_type": "code", "id": f"cell-{i}", "execution_count": None, "metadata": {},
+         "outputs": [], "source": source}
+        for i, source in enumerate(sources)
+    ]  # fmt: skip
     notebook = {"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
     nb = nbformat.reads(json.dumps(notebook), as_version=4)  # type: ignore[no-untyped-call]
     client = NotebookClient(nb, timeout=180, startup_timeout=120, kernel_name="python3")
