@@ -1,4 +1,4 @@
-"""The blitz's autograd part (seed 002, part 2): resnet18 frozen, a new `fc`, only `fc` trained.
+"""The 60-minute blitz's "A gentle introduction to torch.autograd": resnet18 frozen, a new `fc`.
 
     python examples/autograd_finetune.py [--epochs 1] [--batch-size 64] [--lr 1e-2]
         [--image-size 32] [--train-size N] [--device DEV] [--data DIR] [--weights FILE]
@@ -6,10 +6,12 @@
 
 Part 2's steps: one training step of resnet18 on a random image; the gradients autograd
 computes for Q = 3a^3 - b^2; which results require gradients; then fine-tuning: every parameter
-frozen, `fc` replaced by `nn.Linear(512, 10)` and only `fc` optimised (SGD, lr 1e-2, momentum
-0.9). The blitz stops there; here `fit` trains that `fc` on the real FashionMNIST (10 classes;
-the gray images repeated on 3 channels, resized, normalised as ImageNet), and the script checks
-that every frozen parameter is bit for bit what it was. `--fake-data` uses random images
+frozen, `fc` replaced by `nn.Linear(512, 10)`, and SGD (lr 1e-2, momentum 0.9) given all the
+parameters, as the tutorial does: its point is that only the ones that require gradients (`fc`)
+are updated, although the optimizer holds them all. The blitz stops there; here `fit` trains
+that `fc` on the real FashionMNIST (10 classes; the gray images repeated on 3 channels, resized,
+normalised as ImageNet), and the script checks that every frozen parameter is bit for bit what
+it was. `--fake-data` uses random images
 instead (offline, without FashionMNIST).
 
 The ImageNet weights are used when they are on this machine: torchvision's cache, or `--weights
@@ -120,11 +122,12 @@ def data(args: argparse.Namespace) -> tuple[Images, Images]:
 
 
 class Finetuned(NamedTuple):
-    """What `main` returns: the model, its parameters before training, and the History."""
+    """What `main` returns: the model, its parameters before training, History, optimizer."""
 
     model: nn.Module
     before: dict[str, Tensor]  # every parameter before training, cloned
     history: History
+    optimizer: optim.Optimizer
 
 
 def main(argv: list[str] | None = None) -> Finetuned:
@@ -149,9 +152,13 @@ def main(argv: list[str] | None = None) -> Finetuned:
     print("\n--- fine-tuning: resnet18 frozen, a new fc trained ---")
     device = torch.device(args.device) if args.device else get_device()
     model = freeze(pretrained).to(device)
-    optimizer = optim.SGD(model.fc.parameters(), lr=args.lr, momentum=0.9)  # only the classifier
+    # every parameter registered, as in the tutorial: the frozen ones get no gradient, so the
+    # optimizer leaves them as they are (the check after training shows it)
+    optimizer = optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    print(f"trainable parameters: {trainable}; optimised: fc, SGD lr {args.lr} momentum 0.9")
+    registered = sum(len(group["params"]) for group in optimizer.param_groups)
+    print(f"trainable parameters: {trainable}; the optimizer (SGD lr {args.lr} momentum 0.9) "
+          f"holds all {registered}")  # fmt: skip
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     train_dl, test_dl = get_data(*data(args), args.batch_size)
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> Finetuned:
     fc_changed = not all(torch.equal(before[n], after[n]) for n in ("fc.weight", "fc.bias"))
     print(f"frozen parameters unchanged, bit for bit: {len(unchanged)} of {len(frozen)}; "
           f"fc changed: {fc_changed}")  # fmt: skip
-    return Finetuned(model, before, history)
+    return Finetuned(model, before, history, optimizer)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The blitz's image classifier (seed 002, part 4): CIFAR-10 and its 3-channel `Net`, on trainkit.
+"""The 60-minute blitz's "Training a classifier": CIFAR-10 and its 3-channel `Net`, on trainkit.
 
     python examples/cifar10_classifier.py [--epochs 2] [--batch-size 4] [--lr 0.001]
         [--device DEV] [--data DIR] [--out DIR] [--fake-data] [--smoke]
@@ -71,9 +71,11 @@ def cifar10(root: str, fake: bool) -> tuple[VisionDataset, VisionDataset]:
     )
     if fake:
         print("FakeData (--fake-data): random images, NOT CIFAR-10; expect about 10% accuracy")
+        # FakeData draws image i from seed i + random_offset: the test images start past the
+        # training ones, so no test image is a training image
         return (
             torchvision.datasets.FakeData(50_000, (3, 32, 32), 10, transform),
-            torchvision.datasets.FakeData(10_000, (3, 32, 32), 10, transform, random_offset=1),
+            torchvision.datasets.FakeData(10_000, (3, 32, 32), 10, transform, random_offset=50_000),
         )
     try:
         trainset = torchvision.datasets.CIFAR10(

@@ -1,4 +1,4 @@
-"""LeNet from "Neural networks" (seed 001) and the blitz's part 3 (seed 002), trained with trainkit.
+"""LeNet from the 60-minute blitz's "Neural networks" (5x5 and 3x3 variants), trained with trainkit.
 
     python examples/lenet.py [--variant 5x5|3x3] [--epochs 2] [--batch-size 64] [--lr 0.01]
         [--momentum 0.9] [--device DEV] [--data DIR] [--smoke]
@@ -9,7 +9,7 @@ a forward pass, a backward pass from a random gradient, `MSELoss` against a dumm
 hand and one with `torch.optim`. Then, as the tutorial suggests for MNIST, the network is
 trained with `fit` on the real FashionMNIST resized to 32x32, with cross-entropy (the blitz's
 classification loss) and SGD at the tutorial's lr 0.01, with momentum 0.9 as in the blitz's
-part 4. `--variant` picks seed 001's 5x5 network or the blitz's 3x3 one.
+part 4. `--variant` picks the 5x5 network (LeCun's) or the blitz's 3x3 one.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from trainkit import accuracy, evaluate, fashion_mnist, fit, get_data, get_devic
 
 
 class Net(nn.Module):
-    """LeNet with 5x5 convolutions (seed 001): C1, S2, C3, S4, F5, F6, OUTPUT."""
+    """LeNet with 5x5 convolutions: C1, S2, C3, S4, F5, F6, OUTPUT."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""'What is torch.nn really?' (seeds 000 and 003), rebuilt stage by stage, ending on trainkit.
+"""The PyTorch tutorial 'What is torch.nn really?', rebuilt stage by stage, ending on trainkit.
 
     python examples/nn_tutorial.py                      # every stage, in the tutorial's order
     python examples/nn_tutorial.py --stage cnn gpu      # only these stages

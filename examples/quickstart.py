@@ -1,4 +1,4 @@
-"""The PyTorch Quickstart (seed 004) on trainkit: data, your own files, model, fit, save and load.
+"""The PyTorch Quickstart on trainkit: data, your own files, model, fit, save and load.
 
     python examples/quickstart.py [--epochs 10] [--batch-size 64] [--lr 1e-3] [--device DEV]
         [--data DIR] [--out DIR] [--no-shuffle] [--fresh] [--vgg16] [--smoke]
@@ -13,16 +13,19 @@ In the Quickstart's order:
   training images in file order; `--no-shuffle` does the same and gives its figures epoch for
   epoch (docs/examples.md). Checkpoints go to `OUT/checkpoints` every 200 steps and every epoch:
   interrupt the run (Ctrl-C) and start it again to resume where it stopped (`--fresh` starts
-  over).
+  over). A run that has already trained the epochs asked for says so and trains nothing.
 - Save and load: the weights saved to `OUT/model_weights.pth` and loaded into a new model, which
-  names the class of a test image and is evaluated on the exported files. A whole pickled model
-  loads only through trainkit's explicit `unsafe_load_pickled_model` (unpickling runs code from
-  the file). `--vgg16` adds the Quickstart's VGG16 weights save and load (528 MB; `weights=None`,
-  random weights, unless the ImageNet weights are in torchvision's cache).
+  names the class of a test image and is evaluated on the exported files. The Quickstart's
+  `torch.save(model)` pickles the whole model; the demo shows that `load_weights` refuses such a
+  file, as intended (unpickling runs code named in the file), and that trainkit's explicit
+  `unsafe_load_pickled_model` loads it. `--vgg16` adds the Quickstart's VGG16 weights save and
+  load (528 MB; `weights=None`, random weights, unless the ImageNet weights are in torchvision's
+  cache).
 
 Also in OUT: the per-epoch figures as CSV (`CSVLogger`) and their curves as `history.png`
 (`History.plot`, when matplotlib is installed). OUT is `runs/quickstart` unless `--out` says
-otherwise.
+otherwise; with `--smoke` it is `runs/quickstart-smoke`, and a smoke run's checkpoints go to
+`OUT/smoke-checkpoints`, so a smoke run never resumes a real run nor is resumed by one.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from trainkit import (
     fit,
     get_data,
     get_device,
+    load_checkpoint,
     load_weights,
     predict,
     save_weights,
@@ -127,12 +131,14 @@ def export_images(images: Any, folder: Path, n: int) -> Path:
 def save_whole_model(model: nn.Module, path: Path) -> None:
     """The Quickstart's `torch.save(model)`: loadable only through trainkit's explicit opt-in."""
     torch.save(model, path)  # pickles the model: loading it runs code named in the file
+    print(f"The whole model pickled to {path}, as the Quickstart's torch.save(model) does")
     try:
         load_weights(path, NeuralNetwork())
     except CheckpointError as err:
-        print(f"load_weights refuses it: {err}")
+        print(f"  as intended, load_weights refuses it (it reads weights only): {err}")
     model = unsafe_load_pickled_model(path)  # unpickles: only for files you made yourself
-    print(f"unsafe_load_pickled_model({path}) -> {type(model).__name__}")
+    print(f"  unsafe_load_pickled_model({path}), the explicit opt-in, loads it: "
+          f"{type(model).__name__}")  # fmt: skip
 
 
 def vgg16_weights(path: Path) -> None:
@@ -149,21 +155,43 @@ def vgg16_weights(path: Path) -> None:
     print(f"VGG16 weights saved to {path} and loaded into a new VGG16")
 
 
+def epochs_done(path: Path) -> int:
+    """How many epochs the run checkpointed in `path` has finished."""
+    ckpt = load_checkpoint(path, model=NeuralNetwork(), map_location="cpu")
+    return ckpt.epoch + 1 if ckpt.epoch_complete else ckpt.epoch
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the Quickstart; returns the test figures (empty when there was nothing to train)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
     parser.add_argument("--data", default=None, help="folder holding FashionMNIST")
-    parser.add_argument("--out", default="runs/quickstart", help="where files are written")
+    parser.add_argument("--out", default=None,
+                        help="where files are written (default: runs/quickstart, "
+                             "runs/quickstart-smoke with --smoke)")  # fmt: skip
     parser.add_argument("--no-shuffle", action="store_true", help="train in file order")
     parser.add_argument("--fresh", action="store_true", help="ignore earlier checkpoints")
     parser.add_argument("--vgg16", action="store_true", help="also save and load VGG16 weights")
     parser.add_argument("--smoke", action="store_true", help="a few batches of the real data")
     args = parser.parse_args(argv)
-    out = Path(args.out)
+    out = Path(args.out or ("runs/quickstart-smoke" if args.smoke else "runs/quickstart"))
     out.mkdir(parents=True, exist_ok=True)
+
+    # a smoke run's checkpoints apart from a real run's: neither ever resumes the other
+    folder = out / ("smoke-checkpoints" if args.smoke else "checkpoints")
+    checkpoints = ModelCheckpoint(folder, monitor="val_accuracy", mode="max", every_n_steps=200)
+    resume = None if args.fresh or not checkpoints.last_path.is_file() else checkpoints.dirpath
+    if resume is not None:
+        done = epochs_done(checkpoints.last_path)
+        if done >= args.epochs:
+            print(f"{checkpoints.last_path}: already trained {done} epochs (>= {args.epochs} "
+                  "asked); nothing to do; --fresh to start over")  # fmt: skip
+            return {}
+        print(f"Resuming from {checkpoints.last_path} after {done} of {args.epochs} epochs "
+              "(--fresh to start over)")  # fmt: skip
 
     # Data
     train_ds = fashion_mnist(train=True, root=args.data, transform=ToTensor())
@@ -197,12 +225,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     loss_fn = nn.CrossEntropyLoss()
 
-    checkpoints = ModelCheckpoint(
-        out / "checkpoints", monitor="val_accuracy", mode="max", every_n_steps=200
-    )
-    resume = None if args.fresh or not checkpoints.last_path.is_file() else checkpoints.dirpath
-    if resume is not None:
-        print(f"Resuming from {checkpoints.last_path} (--fresh to start over)")
     callbacks = [checkpoints, CSVLogger(out / "history.csv")]
     history = fit(args.epochs, model, loss_fn, opt, train_dl, test_dl, metrics=[accuracy],
                   callbacks=callbacks, resume=resume)  # fmt: skip

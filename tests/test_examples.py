@@ -7,6 +7,7 @@ import importlib.util
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from torchvision.transforms import ToTensor
+from torchvision.transforms import Compose, PILToTensor, ToTensor
+from torchvision.transforms.v2 import ToDtype
 
 from trainkit import accuracy, evaluate, fashion_mnist, load_weights
 
@@ -57,12 +59,16 @@ def test_quickstart_smoke_trains_and_saves_weights(
     # when read from the data set with class indices
     assert (tmp_path / "images" / "labels.csv").read_text().count("\n") == 64
     model = load_weights(tmp_path / "model_weights.pth", quickstart.NeuralNetwork())
-    same_images = Subset(fashion_mnist(train=False, transform=ToTensor()), range(64))
+    # the same pixels as the example reads them (ToTensor divides by 255, ToDtype multiplies
+    # by 1/255: values an ulp apart), in the same batch of 64: so the same bits
+    as_read = Compose([PILToTensor(), ToDtype(torch.float32, scale=True)])
+    same_images = Subset(fashion_mnist(train=False, transform=as_read), range(64))
     direct = evaluate(model, nn.CrossEntropyLoss(), DataLoader(same_images, 64), [accuracy])
     assert final["files_accuracy"] == direct["accuracy"]
     assert final["files_loss"] == pytest.approx(direct["loss"], rel=1e-5)
     assert re.search(r'Predicted: "[\w -]+", Actual: "[\w -]+"', out)
-    assert "load_weights refuses it" in out and "unsafe_load_pickled_model(" in out
+    assert "as intended, load_weights refuses it (it reads weights only)" in out
+    assert "the explicit opt-in, loads it: NeuralNetwork" in out
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
     else:
@@ -70,7 +76,34 @@ def test_quickstart_smoke_trains_and_saves_weights(
     # run again with one more epoch: it resumes from the checkpoints and trains only that one
     quickstart.main(["--smoke", "--epochs", "3", "--lr", "0.1", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "Resuming from" in out and "epoch 3/3" in out and "epoch 2/3" not in out
+    assert "Resuming from" in out and "after 2 of 3 epochs" in out
+    assert "epoch 3/3" in out and "epoch 2/3" not in out
+    # asked for fewer epochs than are done: it says so and trains nothing
+    assert quickstart.main(["--smoke", "--epochs", "2", "--out", str(tmp_path)]) == {}
+    out = capsys.readouterr().out
+    assert "already trained 3 epochs (>= 2 asked); nothing to do; --fresh to start over" in out
+    assert "epoch " not in out and "Test accuracy" not in out
+    # a smoke run keeps its checkpoints apart: a real run in the same folder finds none
+    assert (tmp_path / "smoke-checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.usefixtures("real_data")
+def test_quickstart_smoke_never_resumes_a_real_runs_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quickstart = load_example("quickstart")
+    quickstart.main(["--smoke", "--epochs", "2", "--out", str(tmp_path / "first")])
+    capsys.readouterr()
+    # where a real run keeps its checkpoints, in the smoke run's default folder: ignored
+    monkeypatch.chdir(tmp_path)
+    real = tmp_path / "runs" / "quickstart-smoke" / "checkpoints"
+    shutil.copytree(tmp_path / "first" / "smoke-checkpoints", real)
+    quickstart.main(["--smoke", "--epochs", "2"])
+    out = capsys.readouterr().out
+    assert "Resuming" not in out and "already trained" not in out and "epoch 2/2" in out
+    assert (tmp_path / "runs" / "quickstart-smoke" / "model_weights.pth").is_file()
+    assert not (tmp_path / "runs" / "quickstart").exists()  # the real run's folder: untouched
 
 
 @pytest.mark.usefixtures("real_data")
@@ -91,8 +124,10 @@ def test_quickstart_no_shuffle_is_the_documents_loop(tmp_path: Path) -> None:
         optimizer.zero_grad()
         torch.autograd.backward(loss)
         optimizer.step()
+    # exact: the same kernels on the same shapes (the example evaluates on get_data's
+    # validation loader, batches of 2 x 64; other batch shapes could round differently)
     with torch.no_grad():
-        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in DataLoader(test, 64))
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in DataLoader(test, 128))
     assert final["accuracy"] == correct / 256
 
 
@@ -187,16 +222,20 @@ def test_lenet_smoke_walks_through_and_trains(capsys: pytest.CaptureFixture[str]
         assert net(torch.randn(2, 1, 32, 32)).shape == (2, 10)
 
 
-def test_autograd_finetune_trains_fc_only(
+def test_autograd_finetune_registers_every_parameter_and_trains_fc_only(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached ImageNet weights: random init
     finetune = load_example("autograd_finetune")
-    model, before, history = finetune.main(["--smoke", "--fake-data", "--device", "cpu"])
+    model, before, history, optimizer = finetune.main(["--smoke", "--fake-data", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "FakeData" in out and len(history) == 1
     params = dict(model.named_parameters())
     assert set(params) == set(before) and len(params) == 62
+    # as in the tutorial, the optimizer holds every parameter, the frozen ones too
+    registered = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in registered} == {id(p) for p in params.values()}
+    assert "the optimizer (SGD lr 0.01 momentum 0.9) holds all 62" in out
     for name, param in params.items():
         if name.startswith("fc."):
             assert param.requires_grad and not torch.equal(param, before[name]), name
@@ -228,6 +267,38 @@ def test_cifar10_classifier_smoke_on_fake_data(
     assert (tmp_path / "cifar_net.pth").is_file()
 
 
+def test_cifar10_fake_test_images_are_not_training_images() -> None:
+    """FakeData draws image i from seed i + random_offset: the two sets must not share a seed."""
+    cifar10 = load_example("cifar10_classifier")
+    train, test = cifar10.cifar10("unused", fake=True)
+    assert train.random_offset + len(train) <= test.random_offset  # seeds 0..49999, 50000..
+    train_images = [train[i][0] for i in range(64)]
+    for i in range(63):  # with random_offset=1, test[i] was train[i + 1]
+        assert not any(torch.equal(test[i][0], image) for image in train_images), i
+
+
+@pytest.mark.parametrize(
+    ("name", "tutorial"),
+    [
+        ("nn_tutorial", "What is torch.nn really?"),
+        ("lenet", '"Neural networks"'),
+        ("autograd_finetune", '"A gentle introduction to torch.autograd"'),
+        ("cifar10_classifier", '"Training a classifier"'),
+        ("quickstart", "PyTorch Quickstart"),
+    ],
+)
+def test_example_help_names_its_tutorial(name: str, tutorial: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / f"{name}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps the description
+    assert tutorial in text and "seed" not in text.lower(), text
+
+
 @pytest.mark.usefixtures("real_data")
 def test_fit_on_real_fashion_mnist_learns() -> None:
     """The Quickstart MLP on 10,000 real training images: one epoch well above chance."""
@@ -248,12 +319,28 @@ def test_fit_on_real_fashion_mnist_learns() -> None:
     )
 
 
-def test_readme_usage_example_runs() -> None:
+def test_readme_usage_example_runs_and_validates_on_held_out_rows() -> None:
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", readme, re.S)
     assert code is not None
+    # after the example: how many validation rows were also training rows (x[:200] were all)
+    check = (
+        "seen = {tuple(r.tolist()) for xb, _ in train_dl for r in xb}\n"
+        "shared = sum(tuple(r.tolist()) in seen for xb, _ in valid_dl for r in xb)\n"
+        "print(f'validation rows also trained on: {shared}')\n"
+    )
     result = subprocess.run(
-        [sys.executable, "-c", code.group(1)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code.group(1) + check], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
     assert "val_accuracy" in result.stdout
+    assert "validation rows also trained on: 0" in result.stdout
+    assert history_accuracy(result.stdout) > 0.8  # learnable: well above chance (1/3)
+
+
+def history_accuracy(table: str) -> float:
+    """The last val_accuracy of a printed History."""
+    lines = [line.split() for line in table.splitlines() if line.strip()]
+    header = next(i for i, cells in enumerate(lines) if cells[:2] == ["epoch", "train_loss"])
+    rows = [cells for cells in lines[header + 1 :] if cells[0].isdigit()]
+    return float(rows[-1][lines[header].index("val_accuracy")])

@@ -226,4 +226,4 @@ def test_quickstart_demo_saves_the_plot_of_its_run(tmp_path: Path) -> None:
     assert count_colour(img, BLUE) > 100 and count_colour(img, ORANGE) > 200
     rows = (tmp_path / "history.csv").read_text().splitlines()
     assert rows[0] == "epoch,train_loss,val_loss,val_accuracy,lr,seconds"
-    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2"]  # epochs numbered from 1
