@@ -504,6 +504,7 @@ def read_checkpoint(path: Path, map_location: torch.device | str) -> dict[str, A
 
 _ZIP_MAGIC = b"PK\x03\x04"
 _CHUNK = 1 << 20
+_DOS_DIRECTORY = 0x10  # the directory bit of a zip record's external attributes
 
 
 def _load_file(path: Path, map_location: torch.device | str, *, require_zip: bool) -> Any:
@@ -547,6 +548,11 @@ def _verify_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
             for info in records:
+                if info.is_dir() or info.external_attr & _DOS_DIRECTORY:
+                    # torch's reader (miniz) reads a "directory" as empty, not as its bytes
+                    raise CheckpointError(
+                        f"{path}: damaged: record {info.filename!r} is marked as a directory"
+                    )
                 if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
                     raise CheckpointError(
                         f"{path}: refused: record {info.filename!r} is compressed "
