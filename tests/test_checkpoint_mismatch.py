@@ -313,3 +313,27 @@ def test_resume_after_epoch_0_with_persistent_workers_is_refused(tmp_path: Path)
         ):
             fit(3, resumed, F.cross_entropy, optim.SGD(resumed.parameters(), lr=0.1),
                 worker_loader(persistent), progress=False, resume=tmp_path)  # fmt: skip
+
+
+def test_resume_inside_epoch_0_with_persistent_workers_is_exact(tmp_path: Path) -> None:
+    """Within the first epoch the resumed run starts its workers where the uninterrupted one
+    did (the same generator states), so persistent workers resume bitwise there."""
+
+    def run(dirpath: Path, crash: bool) -> nn.Module:
+        seed_everything(0)
+        model = small()
+        resume = dirpath if (dirpath / "last.ckpt").is_file() else None
+        if resume is not None:
+            seed_everything(12345)  # as a new process would: resume restores the generators
+        callbacks: list[Callback] = [ModelCheckpoint(dirpath, save_top_k=0, every_n_steps=1)]
+        if crash:
+            callbacks.append(Crash(2))  # 4 steps per epoch: inside epoch 0
+        fit(3, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+            worker_loader(True), callbacks=callbacks, progress=False, resume=resume)  # fmt: skip
+        return model
+
+    uninterrupted = run(tmp_path / "a", crash=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "b", crash=True)
+    resumed = run(tmp_path / "b", crash=False)
+    assert equal(resumed.state_dict(), uninterrupted.state_dict())

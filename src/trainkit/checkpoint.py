@@ -813,6 +813,10 @@ def _check_targets(
         if isinstance(target, Optimizer):
             _check_optimizer(path, saved, target)
         else:
+            if isinstance(target, torch.amp.GradScaler) and not all(
+                _number(v) for v in saved.values()
+            ):
+                raise CheckpointError(f"{path}: the scaler state holds values that are not numbers")
             expected = set(target.state_dict())
             foreign, absent = sorted(set(saved) - expected), sorted(expected - set(saved))
             if foreign or absent:
