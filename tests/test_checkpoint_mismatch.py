@@ -11,13 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn, optim
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision.transforms import ToTensor
 
 from trainkit import (
     Callback,
     CheckpointError,
     ModelCheckpoint,
     TrainState,
+    fashion_mnist,
     fit,
     get_data,
     load_checkpoint,
@@ -266,29 +268,41 @@ def test_a_mid_epoch_checkpoint_resumes_with_an_equal_loader(tmp_path: Path) -> 
     assert len(history) == 2
 
 
-def test_quickstart_smoke_checkpoint_is_refused_by_the_real_data_run(tmp_path: Path) -> None:
-    """The Quickstart with --smoke (512 training images), then on the whole FashionMNIST
-    (60,000) in the same directory: the second run must not continue the first."""
-    images = torch.zeros(60_000, 1, 28, 28, dtype=torch.uint8)  # FashionMNIST's shape
-    labels = torch.zeros(60_000, dtype=torch.long)
-    smoke = TensorDataset(images[:512].float(), labels[:512])
+def quickstart_training_set() -> Dataset[Any]:
+    """The Quickstart's training set: the real FashionMNIST when it is on this machine, else
+    tensors of its shape (the refusal happens before any image is read)."""
+    try:
+        images: Dataset[Any] = fashion_mnist(train=True, transform=ToTensor(), download=False)
+        return images
+    except FileNotFoundError:
+        return TensorDataset(torch.zeros(60_000, 1, 28, 28), torch.zeros(60_000, dtype=torch.long))
 
-    def network() -> nn.Module:
-        return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+
+def test_quickstart_smoke_checkpoint_is_refused_by_the_real_data_run(tmp_path: Path) -> None:
+    """The Quickstart with --smoke (its first 512 training images), then on the whole
+    FashionMNIST training set (60,000) with the same checkpoint directory: the second run must
+    not continue the first (it trained nothing and reported 11 % test accuracy)."""
+    full = quickstart_training_set()
+    smoke = Subset(full, range(512))  # what examples/quickstart.py --smoke trains on
+
+    def network() -> nn.Module:  # the Quickstart's NeuralNetwork
+        return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512),
+                             nn.ReLU(), nn.Linear(512, 10))  # fmt: skip
 
     model = network()
-    train_dl, test_dl = get_data(smoke, smoke, 64)
-    fit(2, model, F.cross_entropy, optim.SGD(model.parameters(), lr=1e-3), train_dl, test_dl,
-        callbacks=[ModelCheckpoint(tmp_path, save_top_k=0)], progress=False)  # fmt: skip
+    train_dl, test_dl = get_data(smoke, Subset(full, range(256)), 64)
+    fit(2, model, nn.CrossEntropyLoss(), optim.SGD(model.parameters(), lr=1e-3), train_dl,
+        test_dl, callbacks=[ModelCheckpoint(tmp_path, save_top_k=0)], progress=False)  # fmt: skip
     real = network()
-    train_dl, test_dl = get_data(TensorDataset(images, labels), smoke, 64)
-    with pytest.raises(
-        CheckpointError,
-        match=r"last\.ckpt: the run was trained on a training set of 512 samples; train_dl now "
-        r"has 60000\. .*Start a new run",
-    ):
-        fit(2, real, F.cross_entropy, optim.SGD(real.parameters(), lr=1e-3), train_dl, test_dl,
-            progress=False, resume=tmp_path)  # fmt: skip
+    train_dl, test_dl = get_data(full, Subset(full, range(256)), 64)
+    for epochs in (2, 10):  # all of the smoke run's epochs done, or more to do
+        with pytest.raises(
+            CheckpointError,
+            match=r"last\.ckpt: the run was trained on a training set of 512 samples; train_dl "
+            r"now has 60000\. .*Start a new run",
+        ):
+            fit(epochs, real, nn.CrossEntropyLoss(), optim.SGD(real.parameters(), lr=1e-3),
+                train_dl, test_dl, progress=False, resume=tmp_path)  # fmt: skip
 
 
 # --- 11: persistent workers -----------------------------------------------------------------------

@@ -496,10 +496,9 @@ def read_checkpoint(path: Path, map_location: torch.device | str) -> dict[str, A
     Raises:
         CheckpointError: anything wrong with the file (named, with the file).
     """
-    data = _load_file(path, map_location, require_zip=True)
+    data: dict[str, Any] = _load_file(path, map_location, require_zip=True)
     _check_fields(path, data)
-    result: dict[str, Any] = data
-    return result
+    return data
 
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -592,7 +591,8 @@ def _load_safetensors(path: Path, map_location: torch.device | str) -> Any:
         raise CheckpointError(f"{path}: no such file")
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == _ZIP_MAGIC or head[:1] == b"\x80":
+    # a safetensors file: an 8-byte header length, then the header, a JSON object
+    if head[8:9] != b"{" and (head[:4] == _ZIP_MAGIC or head[:1] == b"\x80"):
         kind = "a torch.save zip archive" if head[:4] == _ZIP_MAGIC else "a pickle"
         raise CheckpointError(
             f"{path}: named .safetensors but it is {kind}, not a safetensors file; rename it "
