@@ -26,6 +26,7 @@ from trainkit import (
     load_checkpoint,
     load_weights,
     save_checkpoint,
+    save_weights,
 )
 
 
@@ -166,6 +167,18 @@ def test_every_random_single_bit_flip_is_refused_or_loads_identically(
         assert same_load(loaded, reference), f"bit {bit} loaded a different state"
         outcomes["identical"] += 1
     assert outcomes["refused"] > 250  # nearly every byte of the file is checked
+
+
+def test_files_without_checksums_are_not_written(tmp_path: Path) -> None:
+    torch.serialization.set_crc32_options(False)
+    try:
+        with pytest.raises(ValueError, match=r"set_crc32_options\(False\) is in effect"):
+            save_checkpoint(tmp_path / "c.ckpt", model=small(), epoch=0, step=0)
+        with pytest.raises(ValueError, match=r"set_crc32_options\(False\) is in effect"):
+            save_weights(tmp_path / "w.pth", small())
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- 12: malformed files --------------------------------------------------------------------------

@@ -158,6 +158,8 @@ def save_weights(path: PathLike, model: nn.Module) -> Path:
         OSError: the file cannot be written; the message names it, and a previous file at
             `path` is left as it was.
         ModuleNotFoundError: `.safetensors` asked for without the package installed.
+        ValueError: torch was told not to write checksums
+            (`torch.serialization.set_crc32_options(False)`).
 
     Example:
         >>> save_weights("model_weights.pth", model)  # doctest: +SKIP
@@ -169,7 +171,7 @@ def save_weights(path: PathLike, model: nn.Module) -> Path:
         tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
         _atomic_write(path, lambda f: f.write(safetensors_torch.save(tensors)))
     else:
-        _atomic_write(path, lambda f: torch.save(weights, f))
+        _atomic_save(weights, path)
     return path
 
 
@@ -251,7 +253,8 @@ def save_checkpoint(
     Raises:
         TypeError: an object of the wrong kind (`optimizer=` given a scheduler, say), or an
             `extra` value that could not be loaded safely (its key is named).
-        ValueError: `epoch` or `step` is not an integer >= 0.
+        ValueError: `epoch` or `step` is not an integer >= 0, or torch was told not to write
+            checksums (`torch.serialization.set_crc32_options(False)`).
         OSError: the file cannot be written; the message names it, and a previous file at
             `path` is left as it was.
 
@@ -431,6 +434,11 @@ def _payload(
 
 
 def _atomic_save(payload: Any, path: Path) -> Path:
+    if not torch.serialization.get_crc32_options():
+        raise ValueError(
+            f"cannot write {path}: torch.serialization.set_crc32_options(False) is in effect, "
+            "and trainkit checks every record's CRC-32 when loading; set it back to True"
+        )
     return _atomic_write(path, lambda f: torch.save(payload, f))
 
 
