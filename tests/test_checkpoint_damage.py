@@ -225,6 +225,11 @@ def rewrite(path: Path, name: str, change: Any) -> Path:
             r"format_version None was never written by any trainkit",
         ),
         (
+            "version-1.ckpt",
+            lambda d: d.update(format_version=1),
+            r"format version 1 was written by a pre-release of trainkit.*load_weights",
+        ),
+        (
             "no-version.ckpt",
             lambda d: d.pop("format_version"),
             r"no format_version field",
