@@ -13,7 +13,6 @@ ALIASES = {
     "LossFn",
     "MetricArg",
     "Scheduler",
-    "Stateful",
     "Status",
     "HOOKS",
     "__version__",

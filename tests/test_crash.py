@@ -25,9 +25,10 @@ def model() -> nn.Sequential:
     return nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Dropout(0.2), nn.Linear(1024, 10))
 
 
-def start(dirpath: Path, every_n_steps: int) -> subprocess.Popen[str]:
+def start(dirpath: Path, every_n_steps: int, *more: int) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, str(CHILD), str(dirpath), str(EPOCHS), str(every_n_steps)],
+        [sys.executable, str(CHILD), str(dirpath), str(EPOCHS), str(every_n_steps),
+         *map(str, more)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
 
@@ -45,9 +46,10 @@ def wait_for_step(child: subprocess.Popen[str], n: int, timeout: float = 120) ->
     pytest.fail("the child made no progress")
 
 
-def finish(dirpath: Path, every_n_steps: int) -> nn.Module:
+def finish(dirpath: Path, every_n_steps: int, accumulate: int = 1) -> nn.Module:
     result = subprocess.run(
-        [sys.executable, str(CHILD), str(dirpath), str(EPOCHS), str(every_n_steps)],
+        [sys.executable, str(CHILD), str(dirpath), str(EPOCHS), str(every_n_steps),
+         str(accumulate)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -99,3 +101,20 @@ def test_ctrl_c_saves_the_last_step_and_the_run_resumes(
     ckpt = load_checkpoint(tmp_path / "last.ckpt", model=model())
     assert not ckpt.epoch_complete and ckpt.global_step >= 7
     assert same(finish(tmp_path, every_n_steps=1000), reference)
+
+
+def test_ctrl_c_inside_an_accumulation_group_saves_the_completed_group(tmp_path: Path) -> None:
+    """accumulate=3: batches 3, 4, 5 make the second optimizer step. A real SIGINT as batch 4
+    starts lets batch 5 finish the group; last.ckpt holds that step (6 batches, 2 steps), and
+    the resumed run ends bitwise equal to an uninterrupted one."""
+    reference = finish(tmp_path / "reference", every_n_steps=1000, accumulate=3)
+    child = start(tmp_path / "run", 1000, 3, 4)  # no step checkpoints; Ctrl-C at batch 4
+    _, err = child.communicate(timeout=300)
+    assert child.returncode != 0 and "KeyboardInterrupt" in err, err
+    assert (
+        "Ctrl-C: stopping after the next optimizer step (the end of the accumulation group)" in err
+    )
+    assert f"interrupted: saved {tmp_path / 'run' / 'last.ckpt'}" in err
+    ckpt = load_checkpoint(tmp_path / "run" / "last.ckpt", model=model())
+    assert (ckpt.epoch, ckpt.step, ckpt.global_step, ckpt.epoch_complete) == (0, 6, 2, False)
+    assert same(finish(tmp_path / "run", every_n_steps=1000, accumulate=3), reference)

@@ -19,7 +19,6 @@ from trainkit.callbacks import (
 from trainkit.checkpoint import (
     Checkpoint,
     CheckpointError,
-    Stateful,
     load_checkpoint,
     load_weights,
     save_checkpoint,
@@ -84,7 +83,6 @@ __all__ = [
     "PerClassAccuracy",
     "ProgressBar",
     "Scheduler",
-    "Stateful",
     "Status",
     "StopTraining",
     "TensorBoardLogger",

@@ -24,9 +24,8 @@ from trainkit.callbacks.progress import ProgressBar
 from trainkit.checkpoint import (
     Checkpoint,
     CheckpointError,
-    callback_keys,
-    load_checkpoint,
     loader_generators,
+    restore_run,
     resume_path,
     rng_state,
     set_rng_state,
@@ -183,9 +182,10 @@ def fit(
             generators and the position in the epoch are restored, and the batches after it are
             the ones the uninterrupted run would have seen. `epochs` is the run's total.
 
-    Ctrl-C while training is deferred to the end of the current step (a second Ctrl-C
-    interrupts at once), so a `ModelCheckpoint` can save the last completed step before the
-    `KeyboardInterrupt` propagates.
+    Ctrl-C while training is deferred to the end of the next optimizer step (with
+    `accumulate`, the end of the accumulation group; during validation, the end of the batch; a
+    second Ctrl-C interrupts at once), so a `ModelCheckpoint` can save the last completed step
+    before the `KeyboardInterrupt` propagates.
 
     Returns:
         The `History` of the run: one record per completed epoch; `history.status` is
@@ -324,16 +324,10 @@ def _plateau_monitor(
 
 
 def _resume(state: TrainState, resume: str | os.PathLike[str]) -> Checkpoint:
-    """Restore a run from its checkpoint; the random generators are set by the caller."""
-    ckpt = load_checkpoint(
-        resume_path(resume), model=state.model, optimizer=state.opt,
-        scheduler=state.scheduler, scaler=state.scaler,
-    )  # fmt: skip
-    state.history.load_state_dict(ckpt.history)
-    state.global_step = ckpt.global_step
-    for key, cb in callback_keys(state.callbacks).items():
-        if key in ckpt.callbacks:
-            cb.load_state_dict(ckpt.callbacks[key])
+    """Restore a run from its checkpoint: everything in it, and the training loader, is checked
+    before anything is restored; the random generators are set here at an epoch's end, or by
+    `_start_epoch` when replaying an interrupted epoch."""
+    ckpt = restore_run(resume_path(resume), state)
     if ckpt.epoch_complete:
         set_rng_state(ckpt.rng)
         state.metrics = dict(state.history[-1]) if len(state.history) else {}
@@ -341,21 +335,44 @@ def _resume(state: TrainState, resume: str | os.PathLike[str]) -> Checkpoint:
 
 
 def _defer_sigint(state: TrainState) -> Callable[[], None]:
-    """Make Ctrl-C set `state.interrupted` (checked after each step); return the undo."""
+    """Make Ctrl-C stop the run after the next optimizer step; return the undo.
+
+    While training, the first Ctrl-C lets the current accumulation group finish: a hook on the
+    optimizer sets `state.interrupted` after its next `step()`, and the loop raises
+    `KeyboardInterrupt` at the end of that batch, so a checkpoint holds the last completed
+    optimizer step (never half a group's gradients). While validating (the model in eval mode)
+    the run stops after the current batch. A second Ctrl-C interrupts at once.
+    """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         return lambda: None  # someone else handles Ctrl-C: leave it to them
+    after_step: list[torch.utils.hooks.RemovableHandle] = []
+
+    def stop(*_: Any) -> None:
+        state.interrupted = True
 
     def handler(signum: int, frame: Any) -> None:
-        if state.interrupted:  # the second Ctrl-C: now
+        if state.interrupted or after_step:  # the second Ctrl-C: now
             raise KeyboardInterrupt
-        state.interrupted = True
+        if not state.model.training:  # validating: no step to finish
+            state.interrupted = True
+            return
+        after_step.append(state.opt.register_step_post_hook(stop))
+        # os.write: print() from a signal handler may re-enter a stream the loop is writing to
+        os.write(
+            2,
+            b"\ntrainkit: Ctrl-C: stopping after the next optimizer step (the end of the "
+            b"accumulation group), so a checkpoint holds a completed step; Ctrl-C again stops "
+            b"at once\n",
+        )
 
     signal.signal(signal.SIGINT, handler)
 
     def restore() -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        for handle in after_step:
+            handle.remove()
 
     return restore
 
@@ -548,18 +565,18 @@ def _start_epoch(
         state.batches_done = 0
         state.epoch_rng = {**rng_state(), "loaders": [g.get_state() for g in generators]}
         return enumerate(state.train_dl), train_loss
-    if resume.epoch_rng is None or resume.train_loss is None:
-        raise CheckpointError(f"{resume.path}: a mid-epoch checkpoint without its epoch state")
+    # checked by restore_run before anything was restored
+    assert resume.epoch_rng is not None and resume.train_loss is not None
     # replay the epoch's data order: the generators as they were when it was drawn
     set_rng_state(resume.epoch_rng)
-    for g, g_state in zip(generators, resume.epoch_rng.get("loaders", []), strict=False):
-        g.set_state(g_state)
+    for g, g_state in zip(generators, resume.epoch_rng.get("loaders", []), strict=True):
+        g.set_state(g_state.cpu())  # loaded onto the model's device with the rest
     state.epoch_rng = resume.epoch_rng
     batches = iter(state.train_dl)
     for done in range(resume.step):  # the loader's work for these batches is repeated
         if next(batches, None) is None:
             raise CheckpointError(
-                f"{resume.path}: saved after {resume.step} batches of epoch {resume.epoch}, "
+                f"{resume.path}: saved after {resume.step} batches of epoch {resume.epoch + 1}, "
                 f"but train_dl now yields only {done}"
             )
     set_rng_state(resume.rng)  # dropout and the rest continue as they would have

@@ -20,6 +20,8 @@ from trainkit import (
     WrappedDataLoader,
     evaluate,
     fit,
+    load_checkpoint,
+    save_checkpoint,
 )
 
 model = nn.Linear(4, 2)
@@ -34,6 +36,18 @@ evaluate(model, F.cross_entropy, train_dl)["loss"].upper()  # type: ignore[attr-
 History().plot(3)  # type: ignore[arg-type]
 EarlyStopping(mode="maximum")  # type: ignore[arg-type]
 CSVLogger(42)  # type: ignore[arg-type]
+
+# checkpoints: a misspelt keyword, and each object only where its own kind belongs
+sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+save_checkpoint("a.ckpt", model=model, optimiser=opt, epoch=0, step=0)  # type: ignore[call-arg]
+save_checkpoint("a.ckpt", model=opt, epoch=0, step=0)  # type: ignore[arg-type]
+save_checkpoint("a.ckpt", model=model, optimizer=sched, epoch=0, step=0)  # type: ignore[arg-type]
+save_checkpoint("a.ckpt", model=model, scheduler=opt, epoch=0, step=0)  # type: ignore[arg-type]
+save_checkpoint("a.ckpt", model=model, scaler=sched, epoch=0, step=0)  # type: ignore[arg-type]
+save_checkpoint("a.ckpt", model=model, epoch=0, step=0, extra={1: "x"})  # type: ignore[dict-item]
+save_checkpoint("a.ckpt", model=model, epoch=0, step=0, note="x")  # type: ignore[call-arg]
+load_checkpoint("a.ckpt", model=model, optimizer=model)  # type: ignore[arg-type]
+load_checkpoint("a.ckpt", model=model, scheduler=opt)  # type: ignore[arg-type]
 
 
 def scale(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
