@@ -4,7 +4,9 @@ A binary classifier has one score per sample (`nn.Linear(d, 1)` with `BCEWithLog
 a multi-label one has one score per label, each judged on its own. Scores are logits or
 probabilities: as torchmetrics decides, a batch with any score outside `[0, 1]` goes through a
 sigmoid first (pass `from_logits=True` or `False` to say which instead); a score counts as
-positive when the probability is strictly above `threshold`.
+positive when the probability is strictly above `threshold`. Unlike torchmetrics, NaN scores and
+the scores of ignored entries take no part in that decision (NaN scores are reported by
+`compute()`; those of ignored entries are not looked at).
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ class _Thresholded(Counted):
         if not target.is_floating_point():
             target = target.long()  # 255 or -100 compare in range whatever the dtype
         if self.from_logits is None:  # torchmetrics' rule, decided on the device: no read-back
-            probabilities = ((scores >= 0) & (scores <= 1)).all()
+            inside = (scores >= 0) & (scores <= 1) | scores.isnan()
+            if self.ignore_index is not None:  # what an ignored entry holds decides nothing
+                inside |= target == self.ignore_index
+            probabilities = inside.all()
             predicted = torch.where(probabilities, scores, scores.sigmoid()) > self.threshold
         elif self.from_logits:
             predicted = scores.sigmoid() > self.threshold
@@ -156,11 +161,12 @@ class BinaryAccuracy(_Thresholded):
     `(N, 1)`. Targets are 0/1 of any dtype (floats as for `BCEWithLogitsLoss`, ints, bools).
 
     Logits or probabilities, as torchmetrics decides: a batch with any score outside `[0, 1]`
-    goes through a sigmoid first. A batch of logits that all happen to lie in `[0, 1]` would be
-    read as probabilities, so pass `from_logits=True` when the model outputs logits (or
-    `False` for probabilities: then a score outside `[0, 1]` is an error). A sample is predicted
-    positive when its probability is strictly above `threshold` (a logit of exactly 0 is
-    negative at 0.5). Recorded by `fit` as `val_binary_accuracy`.
+    goes through a sigmoid first (NaN scores and those of ignored entries take no part in this).
+    A batch of logits that all happen to lie in `[0, 1]` would be read as probabilities, so
+    pass `from_logits=True` when the model outputs logits (or `False` for probabilities: then a
+    score outside `[0, 1]` is an error). A sample is predicted positive when its probability is
+    strictly above `threshold` (a logit of exactly 0 is negative at 0.5). Recorded by `fit` as
+    `val_binary_accuracy`.
 
     Args:
         threshold: Probability above which a score is positive, in `[0, 1]`.
