@@ -492,3 +492,99 @@ def test_new_paths_read_nothing_back_per_batch(monkeypatch: pytest.MonkeyPatch) 
     few, many = run(2), run(20)
     assert few == many
     assert sum(few.values()) > 0  # compute() did read: the counter works
+
+
+def test_fit_reads_nothing_back_per_batch_on_the_new_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fit with a segmentation model (ignore_index, uint8 masks) and a binary one: ten times the
+    validation batches make exactly as many host reads."""
+    counts = dict.fromkeys(HOST_READS, 0)
+
+    def counting(name: str) -> Any:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    def run(n_valid: int) -> dict[str, int]:
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(8 + n_valid, 3, 4, 4, generator=g)
+        masks = torch.randint(0, 3, (8 + n_valid, 4, 4), generator=g)
+        masks = masks.masked_fill(torch.rand(masks.shape, generator=g) < 0.2, 255).to(torch.uint8)
+        seg = TensorDataset(images, masks)
+        x = torch.randn(8 + n_valid, 5, generator=g)
+        flags = torch.randint(0, 2, (8 + n_valid, 1), generator=g).float()
+        torch.manual_seed(0)
+        seg_model, bin_model = nn.Conv2d(3, 3, 1), nn.Linear(5, 1)
+        counts.update(dict.fromkeys(HOST_READS, 0))
+
+        def seg_loss(out: Tensor, yb: Tensor) -> Tensor:
+            return F.cross_entropy(out, yb.long(), ignore_index=255)
+
+        seg_metrics: list[Metric] = [
+            Accuracy(ignore_index=255),
+            Accuracy(top_k=2, ignore_index=255),
+            PerClassAccuracy(3, ignore_index=255),
+            ConfusionMatrix(3, ignore_index=255),
+        ]
+        for m in seg_metrics:
+            m.fold_every = 3  # type: ignore[attr-defined]  # fold mid-epoch: no reads either
+        fit(
+            1,
+            seg_model,
+            seg_loss,
+            optim.SGD(seg_model.parameters(), lr=0.1),
+            DataLoader(TensorDataset(*seg[:8]), batch_size=4),
+            DataLoader(TensorDataset(*seg[8:]), batch_size=2),
+            metrics=seg_metrics,
+            progress=False,
+        )
+        fit(
+            1,
+            bin_model,
+            nn.BCEWithLogitsLoss(),
+            optim.SGD(bin_model.parameters(), lr=0.1),
+            DataLoader(TensorDataset(x[:8], flags[:8]), batch_size=4),
+            DataLoader(TensorDataset(x[8:], flags[8:]), batch_size=2),
+            metrics=[BinaryAccuracy(), MultilabelAccuracy(1, from_logits=True)],
+            progress=False,
+        )
+        return dict(counts)
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    assert run(4) == run(40)  # 2 and 20 validation batches
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_updates_never_synchronise_on_the_new_paths() -> None:
+    """Every update (and batch function) on the new paths runs under sync debug mode "error"."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    seg = torch.randn(4, 3, 8, 8, device="cuda", generator=g)
+    masks = torch.randint(0, 3, (4, 8, 8), device="cuda", generator=g)
+    voids = masks.masked_fill(masks == 2, 255).to(torch.uint8)
+    logits = torch.randn(6, 1, device="cuda", generator=g)
+    flags = torch.randint(0, 2, (6, 1), device="cuda", generator=g).float()
+    streams: list[tuple[Any, Tensor, Tensor]] = [
+        (Accuracy(ignore_index=255), seg, voids),
+        (Accuracy(top_k=2, ignore_index=255), seg, voids),
+        (PerClassAccuracy(3, ignore_index=255), seg, voids),
+        (ConfusionMatrix(3), seg, F.one_hot(masks, 3).movedim(-1, 1).float()),
+        (BinaryAccuracy(), logits, flags),
+        (MultilabelAccuracy(3, average="macro"), seg.sigmoid(), (seg > 0).long()),
+    ]
+    for metric, _, _ in streams:
+        metric.fold_every = 2
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(3):
+            for metric, preds, target in streams:
+                metric.update(preds, target)
+            accuracy(seg, voids, ignore_index=255)
+            top_k_accuracy(seg, masks.to(torch.int16), k=2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for metric, _, _ in streams:
+        metric.compute()
