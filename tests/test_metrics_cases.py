@@ -297,6 +297,9 @@ def test_segmentation_shapes_equal_the_flattened_pixels() -> None:
     assert torch.equal(top_k_accuracy(preds, target, k=3), top_k_accuracy(*flat, k=3))
     one_hot = F.one_hot(target, 4).movedim(-1, 1).float()  # one-hot along the class dim
     assert torch.equal(streamed(Accuracy(), (preds, one_hot)), streamed(Accuracy(), flat))
+    for rows in (one_hot.long(), one_hot.bool(), one_hot.half()):
+        assert torch.equal(streamed(Accuracy(), (preds, rows)), streamed(Accuracy(), flat))
+        assert torch.equal(accuracy(preds, rows), accuracy(*flat))
     with pytest.raises(ValueError, match=r"target must be class indices \(3, 5, 6\) or one-hot"):
         Accuracy().update(preds, target[:, :4])
 
@@ -588,3 +591,24 @@ def test_cuda_updates_never_synchronise_on_the_new_paths() -> None:
         torch.cuda.set_sync_debug_mode("default")
     for metric, _, _ in streams:
         metric.compute()
+
+
+def test_shape_edge_cases_from_the_peer_suites() -> None:
+    """Ideas from Ignite's and torchmetrics' own tests: mismatched extra dims, class count
+    changing between batches, multi-label `(N, L, d)` inputs, 0-dim inputs."""
+    with pytest.raises(ValueError, match=r"target must be class indices \(10, 5, 12\)"):
+        accuracy(torch.randn(10, 3, 5, 12), torch.randint(0, 3, (10, 5, 6)))
+    metric = Accuracy()
+    metric.update(torch.randn(4, 5), torch.randint(0, 5, (4,)))
+    with pytest.raises(ValueError, match=r"Accuracy: preds has 6 columns, expected 5"):
+        metric.update(torch.randn(4, 6), torch.randint(0, 5, (4,)))
+    with pytest.raises(ValueError, match=r"BinaryAccuracy: preds \(10, 5, 6\) and target \(10,\)"):
+        BinaryAccuracy().update(torch.rand(10, 5, 6), torch.randint(0, 2, (10,)))
+    with pytest.raises(ValueError, match=r"BinaryAccuracy: preds must be \(N,\) or \(N, ...\)"):
+        BinaryAccuracy().update(torch.tensor(0.3), torch.tensor(1))
+    with pytest.raises(ValueError, match=r"accuracy: preds must be \(N, C, ...\) scores, got a 0"):
+        accuracy(torch.tensor(0.3), torch.tensor(1))
+    probs = torch.tensor([[[0.9, 0.2], [0.1, 0.7]], [[0.4, 0.6], [0.8, 0.3]]])  # (N=2, L=2, d=2)
+    target = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 1]]])
+    per_label = streamed(MultilabelAccuracy(2, average="none"), (probs, target))
+    assert per_label.tolist() == [1.0, 0.75]

@@ -103,7 +103,8 @@ def multiclass_inputs(
                 f"targets {tuple(index_shape)}; these targets are one-hot rows "
                 f"{tuple(target.shape)}"
             )
-        return target.argmax(dim=1), True
+        rows = target.to(torch.uint8) if target.dtype == torch.bool else target
+        return rows.argmax(dim=1), True
     if target.shape == index_shape:
         if target.is_floating_point() or target.is_complex():
             raise ValueError(
