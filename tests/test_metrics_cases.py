@@ -612,3 +612,13 @@ def test_shape_edge_cases_from_the_peer_suites() -> None:
     target = torch.tensor([[[1, 0], [0, 1]], [[0, 1], [1, 1]]])
     per_label = streamed(MultilabelAccuracy(2, average="none"), (probs, target))
     assert per_label.tolist() == [1.0, 0.75]
+
+
+def test_a_nan_from_the_batch_functions_is_an_error_in_fit() -> None:
+    model = nn.Linear(3, 4)
+    bad = [(torch.randn(4, 3), torch.tensor([0, 1, 7, 1]))]  # 7 is outside [0, 4)
+    for fn in (accuracy, functools.partial(top_k_accuracy, k=2)):
+        with pytest.raises(ValueError, match=r"accuracy was NaN for some batch: a target outside"):
+            evaluate(model, lambda out, yb: out.sum() * 0, bad, [fn])
+    good = [(torch.randn(4, 3), torch.tensor([0, 1, 3, 1]))]
+    assert 0.0 <= evaluate(model, nn.CrossEntropyLoss(), good, [accuracy])["accuracy"] <= 1.0

@@ -164,7 +164,17 @@ class BatchMean:
         self.mean.update(self.fn(preds, target), len(target))
 
     def compute(self) -> Tensor:
-        return self.mean.compute()
+        value = self.mean.compute()
+        fn = self.fn.func if isinstance(self.fn, functools.partial) else self.fn
+        # our batch functions give NaN for bad values (they cannot raise without a read-back);
+        # here, once per pass, that NaN becomes the error the streaming metric would raise
+        if fn in (accuracy, top_k_accuracy) and bool(value.isnan()):
+            name = getattr(fn, "__name__", "metric")
+            raise ValueError(
+                f"{name} was NaN for some batch: a target outside [0, C), a NaN score, a one-hot "
+                "row that is not one-hot, or every target ignored; Accuracy() reports the counts"
+            )
+        return value
 
     def sync(self) -> None:
         self.mean.sync()
