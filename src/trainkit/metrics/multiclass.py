@@ -40,7 +40,8 @@ def accuracy(out: Tensor, yb: Tensor, *, ignore_index: int | None = None) -> Ten
 
     Nothing is read back from the device, so bad values cannot raise here: the result is NaN
     when a counted target is outside `[0, C)`, a one-hot row is not one-hot, a counted sample
-    has a NaN score, or every target is `ignore_index`. `Accuracy` raises for these instead.
+    has a NaN score, or every target is `ignore_index`. `Accuracy` raises for these instead,
+    and so do `fit` and `evaluate` when this function gave NaN for some batch.
     In `fit`, a batch function is averaged weighted by batch size; with `ignore_index` the
     batches hold different numbers of counted positions, so use `Accuracy(ignore_index=...)`
     there (`fit` refuses a `functools.partial` of this function with `ignore_index`).
