@@ -149,11 +149,6 @@ def top_k_hits(scores: Tensor, labels: Tensor, k: int) -> Tensor:
     return ahead.sum(dim=1) < k
 
 
-def nan_positions(scores: Tensor) -> Tensor:
-    """Positions with a NaN score (max along dim 1 propagates NaN; -inf is a valid score)."""
-    return scores.amax(dim=1).isnan()
-
-
 def all_reduce(*tensors: Tensor) -> None:
     """Sum each tensor over the default process group, in place (no-op without one)."""
     if dist.is_available() and dist.is_initialized():

@@ -28,7 +28,6 @@ from trainkit.metrics._core import (
     check_k,
     check_num_classes,
     multiclass_inputs,
-    nan_positions,
     top_k_hits,
 )
 
@@ -113,8 +112,12 @@ def _batch_top_k(out: Tensor, yb: Tensor, k: int, ignore_index: int | None, owne
             f"{owner}: empty batch (preds {tuple(out.shape)}, target {tuple(yb.shape)}): "
             "there is no sample to score"
         )
-    hits = top_k_hits(out, labels, k)
-    bad = (labels < 0) | (labels >= classes) | nan_positions(out)
+    if k == 1:  # one pass gives the prediction and, in the maxima, the NaN check
+        maxima, predicted = out.max(dim=1)
+        hits = predicted == labels
+    else:
+        hits, maxima = top_k_hits(out, labels, k), out.amax(dim=1)
+    bad = maxima.isnan() | (labels < 0) | (labels >= classes)
     if one_hot:
         bad |= bad_one_hot_rows(yb)
     if ignore_index is None:
