@@ -15,6 +15,14 @@ FOLD_POSITIONS = 1 << 20
 """Fold the kept batches into the counts once they hold this many positions (segmentation)."""
 
 
+INDEX_DTYPES = frozenset(
+    {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool}
+)
+"""Dtypes of class-index targets (the fast path of `multiclass_inputs`; others are checked)."""
+
+_CLASS_INDEX: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
 def check_int(value: object, owner: str, arg: str, low: int) -> int:
     """`value` if it is an int (not a bool) of at least `low`, else a ValueError naming `arg`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -69,6 +77,17 @@ def multiclass_inputs(
     index arithmetic wraps around), or one-hot / probability rows of `preds`' shape (their
     arg-max along dim 1). The flag says which. Shapes and dtypes only: nothing is read back.
     """
+    if (  # the common case, decided from shapes and dtypes at the cost of a few attribute reads
+        type(preds) is Tensor
+        and type(target) is Tensor
+        and preds.ndim == 2
+        and target.dtype in INDEX_DTYPES
+        and target.shape == preds.shape[:1]
+        and preds.shape[1] > 1
+        and preds.is_floating_point()
+        and (num_classes is None or preds.shape[1] == num_classes)
+    ):
+        return (target if target.dtype == torch.int64 else target.long()), False
     if not isinstance(preds, Tensor) or not isinstance(target, Tensor):
         raise TypeError(
             f"{owner}: preds and target must be tensors, got {type(preds).__name__} and "
@@ -144,7 +163,13 @@ def top_k_hits(scores: Tensor, labels: Tensor, k: int) -> Tensor:
     classes = scores.shape[1]
     safe = labels.clamp(0, classes - 1).unsqueeze(1)
     target_score = scores.gather(1, safe)
-    index = torch.arange(classes, device=scores.device).view(1, classes, *[1] * (scores.ndim - 2))
+    key = (classes, scores.ndim, scores.device)
+    index = _CLASS_INDEX.get(key)
+    if index is None:  # made once per class count, rank and device, not per batch
+        shape = (1, classes, *[1] * (scores.ndim - 2))
+        index = _CLASS_INDEX.setdefault(
+            key, torch.arange(classes, device=scores.device).view(shape)
+        )
     ahead = torch.where(index < safe, scores >= target_score, scores > target_score)
     return ahead.sum(dim=1) < k
 

@@ -165,10 +165,15 @@ class _Classification(Counted):
         if labels.numel() == 0:
             return
         predicted, maxima = self._predicted(preds, labels)
-        bad_rows = bad_one_hot_rows(target).reshape(-1) if one_hot else None
-        self._pending.append(
-            (predicted.reshape(-1), maxima.reshape(-1), labels.reshape(-1), bad_rows)
-        )
+        bad_rows = bad_one_hot_rows(target) if one_hot else None
+        if labels.ndim > 1:  # segmentation: every position a sample
+            predicted, maxima, labels = (
+                predicted.reshape(-1),
+                maxima.reshape(-1),
+                labels.reshape(-1),
+            )
+            bad_rows = None if bad_rows is None else bad_rows.reshape(-1)
+        self._pending.append((predicted, maxima, labels, bad_rows))
         self.pending_positions += labels.numel()
         if len(self._pending) >= self.fold_every or self.pending_positions >= FOLD_POSITIONS:
             self._fold()
