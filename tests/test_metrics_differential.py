@@ -43,7 +43,7 @@ DTYPES = {
     "int32": torch.int32,
     "int64": torch.int64,
 }
-SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def fits(dtype: torch.dtype, *values: int) -> bool:
