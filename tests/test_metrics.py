@@ -19,8 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainkit import (
     Accuracy,
+    BinaryAccuracy,
     ConfusionMatrix,
     Mean,
+    MultilabelAccuracy,
     PerClassAccuracy,
     accuracy,
     evaluate,
@@ -366,6 +368,20 @@ def _sync_worker(rank: int, port: int) -> None:
                 stream(type(metric)(*_args(metric)), preds, target, [30]),
                 equal_nan=True,
             )
+        seg = preds.view(30, 5, 1, 1).expand(30, 5, 2, 1)  # multidim, with ignore_index
+        seg_target = torch.stack([target, torch.where(target == 4, 255, target)], 1)[..., None]
+        multidim = Accuracy(top_k=2, ignore_index=255)
+        multidim.update(seg[mine], seg_target[mine])
+        multidim.sync()
+        assert torch.equal(
+            multidim.compute(), stream(Accuracy(top_k=2, ignore_index=255), seg, seg_target, [30])
+        )
+        flags = (target % 2).view(30, 1)
+        for make in (BinaryAccuracy, lambda: MultilabelAccuracy(1, average="none")):
+            binary = make()
+            binary.update(preds[mine, :1], flags[mine])
+            binary.sync()
+            assert torch.equal(binary.compute(), stream(make(), preds[:, :1], flags, [30]))
         mean = Mean()
         mean.update(preds[mine, 0])
         mean.sync()
