@@ -19,8 +19,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainkit import (
     Accuracy,
+    BinaryAccuracy,
     ConfusionMatrix,
     Mean,
+    MultilabelAccuracy,
     PerClassAccuracy,
     accuracy,
     evaluate,
@@ -172,21 +174,20 @@ def test_bad_input_is_refused_clearly(make: Any) -> None:
     preds, target = scores(10)
     with pytest.raises(ValueError, match=rf"{owner}: preds has 10 rows but target has 9"):
         metric.update(preds, target[:9])
-    with pytest.raises(
-        ValueError, match=rf"{owner}: preds must be \(N, C\) scores, got shape \(10,\)"
-    ):
+    with pytest.raises(ValueError, match=rf"{owner}: preds \(10,\) has a single score per sample"):
         metric.update(preds[:, 0], target)
     with pytest.raises(ValueError, match=rf"{owner}: class-index targets must be integers"):
         metric.update(preds, target.float())
-    with pytest.raises(ValueError, match=rf"{owner}: target must be class indices"):
+    with pytest.raises(ValueError, match=rf"{owner}: target \(10, 1\) has a column of class"):
         metric.update(preds, target.view(10, 1))
     # values are checked on the device and reported by compute(): no read-back in update
     metric.update(preds, torch.cat([torch.tensor([7, -1, 5]), target[3:]]))
     with pytest.raises(ValueError, match=rf"{owner}: 3 of 10 targets were outside \[0, 5\)"):
         metric.compute()
     metric.reset()
+    nan_rows = int((preds > 1).any(dim=1).sum())
     metric.update(torch.where(preds > 1, float("nan"), preds), target)
-    with pytest.raises(ValueError, match=rf"{owner}: some prediction values were NaN or infinite"):
+    with pytest.raises(ValueError, match=rf"{owner}: {nan_rows} of 10 samples had NaN scores"):
         metric.compute()
 
 
@@ -367,6 +368,20 @@ def _sync_worker(rank: int, port: int) -> None:
                 stream(type(metric)(*_args(metric)), preds, target, [30]),
                 equal_nan=True,
             )
+        seg = preds.view(30, 5, 1, 1).expand(30, 5, 2, 1)  # multidim, with ignore_index
+        seg_target = torch.stack([target, torch.where(target == 4, 255, target)], 1)[..., None]
+        multidim = Accuracy(top_k=2, ignore_index=255)
+        multidim.update(seg[mine], seg_target[mine])
+        multidim.sync()
+        assert torch.equal(
+            multidim.compute(), stream(Accuracy(top_k=2, ignore_index=255), seg, seg_target, [30])
+        )
+        flags = (target % 2).view(30, 1)
+        for make in (BinaryAccuracy, lambda: MultilabelAccuracy(1, average="none")):
+            binary = make()
+            binary.update(preds[mine, :1], flags[mine])
+            binary.sync()
+            assert torch.equal(binary.compute(), stream(make(), preds[:, :1], flags, [30]))
         mean = Mean()
         mean.update(preds[mine, 0])
         mean.sync()

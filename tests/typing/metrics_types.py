@@ -11,9 +11,11 @@ from torch import Tensor, nn
 from trainkit import (
     Accuracy,
     BatchMetric,
+    BinaryAccuracy,
     ConfusionMatrix,
     Mean,
     Metric,
+    MultilabelAccuracy,
     PerClassAccuracy,
     accuracy,
     evaluate,
@@ -31,6 +33,18 @@ assert_type(ConfusionMatrix(3).compute(), Tensor)
 assert_type(Mean().compute(), Tensor)
 assert_type(accuracy(preds, target), Tensor)
 assert_type(top_k_accuracy(preds, target, k=2), Tensor)
+
+# segmentation, ignore_index, binary and multi-label
+assert_type(accuracy(torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4, dtype=torch.uint8)), Tensor)
+assert_type(top_k_accuracy(preds, target, 2, ignore_index=-100), Tensor)
+assert_type(Accuracy(top_k=2, ignore_index=255).compute(), Tensor)
+assert_type(PerClassAccuracy(3, ["a", "b", "c"], ignore_index=255).compute(), Tensor)
+assert_type(ConfusionMatrix(3, ignore_index=-100).compute(), Tensor)
+assert_type(BinaryAccuracy().compute(), Tensor)
+assert_type(BinaryAccuracy(0.3, from_logits=True, ignore_index=-100).compute(), Tensor)
+assert_type(MultilabelAccuracy(4, average="none", from_logits=False).compute(), Tensor)
+binary_metric: Metric = BinaryAccuracy()
+multilabel_metric: Metric = MultilabelAccuracy(4)
 
 
 class CountCorrect:
