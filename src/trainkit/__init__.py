@@ -32,11 +32,13 @@ from trainkit.data import (
     LoaderOptions,
     TensorDataLoader,
     WrappedDataLoader,
+    fast_loader,
     get_data,
     get_device,
     to_device,
 )
 from trainkit.datasets import CustomImageDataset, DatasetError, fashion_mnist
+from trainkit.fastpath import FastTensorLoader, why_not_fast
 from trainkit.layers import Lambda
 from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
 from trainkit.lr_finder import LRFinderResult, lr_find
@@ -70,6 +72,7 @@ __all__ = [
     "DatasetError",
     "DeviceDataLoader",
     "EarlyStopping",
+    "FastTensorLoader",
     "History",
     "LRFinderResult",
     "Lambda",
@@ -95,6 +98,7 @@ __all__ = [
     "accuracy",
     "evaluate",
     "fashion_mnist",
+    "fast_loader",
     "fit",
     "get_data",
     "get_device",
@@ -111,4 +115,5 @@ __all__ = [
     "to_device",
     "top_k_accuracy",
     "unsafe_load_pickled_model",
+    "why_not_fast",
 ]
