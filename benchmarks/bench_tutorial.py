@@ -112,21 +112,20 @@ class Trainee:
 
 def bitwise_check(workload: Workload, n_train: int) -> str:
     """Two epochs of the tutorial's loop and of `fit` from one start: the same weights?"""
-    name, make, loaders, _, lr, momentum = workload
+    _, make, loaders, _, lr, momentum = workload
     train_dl, valid_dl = loaders(n_train)
     results = []
     for use_fit in (False, True):
         model, opt = Trainee(make, lr, momentum).reset()
         if use_fit:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 fit(2, model, F.cross_entropy, opt, train_dl, valid_dl)
         else:
             for _ in range(2):
                 tutorial_epoch(model, opt, train_dl, valid_dl)
         results.append([p.detach().clone() for p in model.parameters()])
     same = all(
-        torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-        for a, b in zip(*results, strict=True)
+        torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(*results, strict=True)
     )
     return "bitwise equal" if same else "NOT bitwise equal"
 

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -31,6 +30,7 @@ from trainkit.checkpoint import (
     rng_state,
     set_rng_state,
 )
+from trainkit.compiling import compile_step
 from trainkit.data import _canonical, _to_device, fast_loader, set_epoch
 from trainkit.distributed import is_distributed, rank, world_size
 from trainkit.metrics import SYNCED, Mean, Metric, MetricArg, move_metrics, named_metrics
@@ -299,6 +299,7 @@ class _Run:
     clip_grad_norm: float | None
     clip_grad_value: float | None
     channels_last: bool
+    opt_step: Callable[[], object]  # opt.step, or compiled with compile=True (trainkit.compiling)
 
     @classmethod
     def build(
@@ -348,12 +349,10 @@ class _Run:
             model.module if isinstance(model, DistributedDataParallel) else model
         )
         forward: Callable[[Any], Any] = ddp if ddp is not None else model
-        if compile:
-            try:
-                forward = torch.compile(forward)
-                evaluate_forward = forward if ddp is None else evaluate_forward
-            except RuntimeError as err:  # raised at once where this Python/platform can't compile
-                warnings.warn(f"fit(compile=True): running eagerly: {err}", stacklevel=3)
+        opt_step: Callable[[], object] = opt.step
+        if compile:  # the model (forward and backward) and the optimizer step, each compiled
+            forward, opt_step = compile_step(forward, opt, scheduler is not None)
+            evaluate_forward = forward if ddp is None else evaluate_forward
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
         return cls(
             forward=forward,
@@ -367,6 +366,7 @@ class _Run:
             clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value,
             channels_last=channels_last,
+            opt_step=opt_step,
         )
 
 
@@ -501,7 +501,7 @@ def _optimizer_step(state: TrainState, before_step: list[Callable[..., None]], r
         scaler.step(opt)  # GradScaler reads its inf check back from the device here
         scaler.update()
     else:
-        opt.step()
+        run.opt_step()  # opt.step(), compiled with compile=True
     opt.zero_grad()
     if run.step_scheduler:
         assert run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau)
