@@ -197,6 +197,21 @@ def bench(workload: Workload, reps: int, seconds: float, n_train: int) -> str:
     )
 
 
+def host() -> str:
+    """The CPU, its logical cores, and how busy the machine was (others' jobs share it)."""
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} logical CPUs"
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=15, help="repetitions, at least")
@@ -211,6 +226,7 @@ def main() -> None:
         print(bench(workload, args.reps, args.seconds, args.train or workload[3]))
         return
     sections = []
+    load_before = load()
     for index, workload in enumerate(WORKLOADS):
         if args.only in workload[0]:
             # a fresh process per table, as bench_fit.py: what one left in the heap (compiled
@@ -226,7 +242,9 @@ def main() -> None:
     report = "\n\n".join(
         [
             "# The tutorial's code: its own loop, trainkit's `fit`, Ignite (CPU)",
-            f"Measured {datetime.date.today()} on {machine()}.",
+            f"Measured {datetime.date.today()} on {machine()}; {host()}. Load average "
+            f"(1/5/15 min) {load_before} before the run, {load()} after: other jobs shared "
+            "the machine, so variants run interleaved and compare by paired ratios.",
             f"Command: `OMP_NUM_THREADS=1 python benchmarks/bench_tutorial.py{options}`.",
             "One epoch = training plus validation, on the tutorial's `get_data` loaders. Ratio = "
             "variant / the tutorial's loop; the paired ratio is the median over repetitions of "
