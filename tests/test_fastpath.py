@@ -478,3 +478,29 @@ def test_the_fast_path_reads_nothing_back_per_step(monkeypatch: pytest.MonkeyPat
         totals.append(dict(counts))
     assert totals[0] == totals[1]
     assert totals[0]["item"] == 2 and totals[0]["tolist"] == 0  # the sampler's seed, per epoch
+
+
+def test_a_torch_that_draws_otherwise_leaves_every_loader_to_the_dataloader(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trainkit.fastpath
+
+    trainkit.fastpath._draws_as_this_torch.cache_clear()
+    # a torch whose RandomSampler permutes differently: the self-check must see it
+    monkeypatch.setattr(trainkit.fastpath, "draw_permutation", lambda n, g: torch.arange(n))
+    try:
+        dl = DataLoader(dataset(), batch_size=5, shuffle=True)
+        torch.manual_seed(0)
+        state = torch.get_rng_state()
+        assert "draws its random numbers otherwise" in (why_not_fast(dl) or "")
+        assert torch.equal(torch.get_rng_state(), state)  # the check put the global state back
+        assert fast_loader(dl) is dl
+    finally:
+        trainkit.fastpath._draws_as_this_torch.cache_clear()
+
+
+def test_this_torch_draws_as_the_fast_path_reproduces() -> None:
+    import trainkit.fastpath
+
+    trainkit.fastpath._draws_as_this_torch.cache_clear()
+    assert trainkit.fastpath._draws_as_this_torch()

@@ -4,7 +4,9 @@
 Python call and stacks them (`default_collate`). When the result is provably what indexing the
 tensors gives, `FastTensorLoader` builds each batch with one `index_select` per tensor, and
 draws the same random numbers, from the same generators, in the same order as the
-`DataLoader`'s iterator (torch 2.10-2.14, `torch/utils/data/dataloader.py` and `sampler.py`):
+`DataLoader`'s iterator (as in torch 2.14's `torch/utils/data/dataloader.py` and `sampler.py`;
+each process checks once, on a tiny loader, that the installed torch still draws so, and
+leaves every loader to the `DataLoader` if not):
 
 1. `iter(dl)`: one `int64` draw for the workers' base seed, from `dl.generator` (the global
    generator when it is `None`), even without workers;
@@ -21,6 +23,8 @@ bitwise identical to iterating the `DataLoader`.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -65,6 +69,16 @@ def why_not_fast(dl: object) -> str | None:
         >>> why_not_fast(DataLoader(ds, batch_size=4, num_workers=2))
         'num_workers=2'
     """
+    reason = _static_reason(dl)
+    if reason is None and not _draws_as_this_torch():
+        return (
+            f"this torch's DataLoader ({torch.__version__}) draws its random numbers otherwise "
+            "than trainkit reproduces"
+        )
+    return reason
+
+
+def _static_reason(dl: object) -> str | None:
     if type(dl) is not DataLoader:
         return f"a {type(dl).__name__}, not a DataLoader"
     ds = dl.dataset
@@ -106,6 +120,43 @@ def why_not_fast(dl: object) -> str | None:
     if not _cpu_or_none(dl.generator):
         return "a DataLoader generator not on the CPU"
     return None
+
+
+@functools.cache
+def _draws_as_this_torch() -> bool:
+    """Whether the installed torch's `DataLoader` yields and draws what the fast path does.
+
+    Checked once per process, on a tiny loader in every case (shuffle, a generator, drop_last,
+    each on and off; two epochs), with the global random state put back afterwards: the
+    reproduction follows torch 2.14's source, and a torch that changes it must not silently
+    change results.
+    """
+    saved = torch.get_rng_state()
+    try:
+        data = TensorDataset(torch.arange(7), torch.arange(7) * 10)
+        for shuffle, seeded, drop_last in itertools.product((False, True), repeat=3):
+            runs = []
+            for fast in (False, True):
+                torch.manual_seed(0)
+                gen = torch.Generator().manual_seed(1) if seeded else None
+                dl = DataLoader(
+                    data, batch_size=3, shuffle=shuffle, drop_last=drop_last, generator=gen
+                )
+                batches = [
+                    [t.tolist() for t in batch]
+                    for _ in range(2)
+                    for batch in (_fast_batches(dl) if fast else dl)
+                ]
+                states = [torch.get_rng_state()] + ([gen.get_state()] if gen is not None else [])
+                runs.append((batches, states))
+            (slow_batches, slow_states), (fast_batches, fast_states) = runs
+            if slow_batches != fast_batches or not all(
+                torch.equal(a, b) for a, b in zip(slow_states, fast_states, strict=True)
+            ):
+                return False
+        return True
+    finally:
+        torch.set_rng_state(saved)
 
 
 def _cpu_or_none(g: object) -> bool:
@@ -232,15 +283,20 @@ class FastTensorLoader:
 
     def __iter__(self) -> Iterator[list[Tensor]]:
         dl = self.dl
-        if why_not_fast(dl) is not None:  # changed since: the loader's own way
+        if _static_reason(dl) is not None:  # changed since: the loader's own way
             return iter(dl)
-        batch_sampler = dl.batch_sampler
-        assert isinstance(batch_sampler, BatchSampler)
-        tensors = dl.dataset.tensors  # type: ignore[attr-defined]  # checked: a TensorDataset
-        draw_base_seed(dl.generator)  # as the DataLoader's iterator does when it is created
-        return _batches(
-            tensors, batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
-        )
+        return _fast_batches(dl)
+
+
+def _fast_batches(dl: DataLoader[Any]) -> Iterator[list[Tensor]]:
+    """`dl`'s batches by indexing, with its random draws; `dl` must qualify."""
+    batch_sampler = dl.batch_sampler
+    assert isinstance(batch_sampler, BatchSampler)
+    tensors = dl.dataset.tensors  # type: ignore[attr-defined]  # checked: a TensorDataset
+    draw_base_seed(dl.generator)  # as the DataLoader's iterator does when it is created
+    return _batches(
+        tensors, batch_sampler.sampler, batch_sampler.batch_size, batch_sampler.drop_last
+    )
 
 
 def _batches(
