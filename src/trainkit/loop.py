@@ -152,8 +152,12 @@ def fit(
         clip_grad_value: Clip every gradient element to `[-value, value]` before each step.
         channels_last: Put the model and 4-dim inputs in `torch.channels_last` memory format
             (faster convolutions on many devices).
-        compile: Run the forward pass through `torch.compile` (skipped with a warning where
-            this Python or platform cannot compile). Checkpoints still see the plain model.
+        compile: Compile the training step with `torch.compile`: the model (forward and
+            backward) and the optimizer step (with a scheduler, only if the learning rates
+            are tensors); the loss runs eagerly between them. Results agree with eager
+            training to a relative 1e-4, not bit for bit. Where compiling fails, that part
+            runs eagerly after one warning. On the CPU it often costs more than it saves
+            (docs/benchmarks.md). Checkpoints still see the plain model.
         terminate_on_nan: Add `TerminateOnNaN()`: stop at the first NaN or infinite loss.
         resume: A checkpoint file, or a `ModelCheckpoint` directory (its `last.ckpt`), to
             continue from: model, optimizer, scheduler, scaler, callbacks, History, random
