@@ -504,3 +504,18 @@ def test_this_torch_draws_as_the_fast_path_reproduces() -> None:
 
     trainkit.fastpath._draws_as_this_torch.cache_clear()
     assert trainkit.fastpath._draws_as_this_torch()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dataset_tensors_on_cuda_give_the_dataloaders_batches(shuffle: bool) -> None:
+    ds = TensorDataset(*(t.cuda() for t in dataset().tensors))
+
+    def run(fast: bool) -> list[Any]:
+        gen = torch.Generator().manual_seed(2)
+        dl = DataLoader(ds, batch_size=5, shuffle=shuffle, generator=gen)
+        torch.manual_seed(3)
+        return epochs_of(FastTensorLoader(dl) if fast else dl, 2, gen)
+
+    slow, fast = run(False), run(True)
+    assert same_run(slow, fast) and slow[0][0][0].is_cuda
