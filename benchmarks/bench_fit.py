@@ -5,7 +5,10 @@
 Each run is one epoch of training plus validation, on in-memory random data of the real shapes
 (the work per step does not depend on the values). The hand-written loop is the tutorial's own
 `fit` with `loss_batch`; trainkit's `fit` runs with its defaults on: a progress bar (drawn to
-the null device), the streaming `Accuracy` metric and the NaN check. Variants run interleaved;
+the null device), the streaming `Accuracy` metric and the NaN check, and `fast_loaders=False`:
+both loops iterate the same `DataLoader`s, as with loaders that do not qualify for the fast
+path (workers, transforms), so the tables measure `fit`'s own cost per step. The fast path on
+the tutorial's loaders is measured by bench_tutorial.py. Variants run interleaved;
 every run starts from the same model and data order. Besides times, each run's minor page faults
 are counted: a loop that keeps many small tensors alive fragments the heap and pays for fresh
 pages every step. Run with `OMP_NUM_THREADS=1` on a quiet machine.
@@ -78,14 +81,13 @@ def bench(workload: Workload, reps: int, seconds: float, n_train: int, features:
         accumulate: int = 1,
         amp: Amp | None = None,
         channels_last: bool = False,
-        compile: bool = False,
     ) -> Callable[[], None]:
         def run() -> None:
             model, opt = fresh()
             with contextlib.redirect_stderr(sink), contextlib.redirect_stdout(sink):
                 fit(1, model, F.cross_entropy, opt, train_dl, valid_dl, metrics=[Accuracy()],
                     progress=True, clip_grad_norm=clip, accumulate=accumulate, amp=amp,
-                    channels_last=channels_last, compile=compile)  # fmt: skip
+                    channels_last=channels_last, fast_loaders=False)  # fmt: skip
 
         return run
 
@@ -96,7 +98,8 @@ def bench(workload: Workload, reps: int, seconds: float, n_train: int, features:
             "fit, accumulate=2": trainkit_fit(accumulate=2),
             "fit, amp='bf16'": trainkit_fit(amp="bf16"),
             "fit, channels_last=True": trainkit_fit(channels_last=True),
-            "fit, compile=True": trainkit_fit(compile=True),
+            # compile=True: bench_compile.py, which compiles once per variant; here every run
+            # builds a new model and optimizer, and so compiles the step again
         }
     # at least `seconds` of runs per table: the short epochs need many repetitions before the
     # medians settle (early runs also pay the heap's first page faults)

@@ -31,11 +31,13 @@ from trainkit.data import (
     LoaderOptions,
     TensorDataLoader,
     WrappedDataLoader,
+    fast_loader,
     get_data,
     get_device,
     to_device,
 )
 from trainkit.datasets import CustomImageDataset, DatasetError, fashion_mnist
+from trainkit.fastpath import FastTensorLoader, why_not_fast
 from trainkit.layers import Lambda
 from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
 from trainkit.lr_finder import LRFinderResult, lr_find
@@ -73,6 +75,7 @@ __all__ = [
     "DeviceDataLoader",
     "EarlyStopping",
     "EvalState",
+    "FastTensorLoader",
     "History",
     "LRFinderResult",
     "Lambda",
@@ -98,6 +101,7 @@ __all__ = [
     "accuracy",
     "evaluate",
     "fashion_mnist",
+    "fast_loader",
     "fit",
     "get_data",
     "get_device",
@@ -114,4 +118,5 @@ __all__ = [
     "to_device",
     "top_k_accuracy",
     "unsafe_load_pickled_model",
+    "why_not_fast",
 ]

@@ -10,12 +10,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from trainkit.distributed import ShardSampler, is_distributed
+from trainkit.fastpath import FastTensorLoader, draw_base_seed, draw_permutation, why_not_fast
 
 __all__ = [
     "DeviceDataLoader",
     "LoaderOptions",
     "TensorDataLoader",
     "WrappedDataLoader",
+    "fast_loader",
     "get_data",
     "get_device",
     "to_device",
@@ -196,8 +198,11 @@ class TensorDataLoader:
     `DataLoader(TensorDataset(*tensors), batch_size, shuffle)`: the tensors are moved to
     `device` once, and each batch is one `index_select` per tensor with indices from one
     `randperm` per epoch (or a slice, without shuffling), instead of gathering samples one by
-    one in Python and stacking them. The shuffle order is drawn on the CPU (from `generator`,
-    else the global generator), so a seed gives the same batches on every device.
+    one in Python and stacking them. The order is drawn exactly as the `DataLoader` draws it
+    (the same random numbers from the same generators, in the same order, also without
+    shuffling: see `trainkit.fastpath`), so its batches, in order, are the `DataLoader`'s and
+    switching between the two never changes a result. With a CPU generator (or none) the
+    order is drawn on the CPU, so a seed gives the same batches on every device.
 
     Without shuffling, batches are views of the tensors (as the tutorial's
     `x_train[start_i:end_i]`): changing a batch in place changes the data.
@@ -279,6 +284,11 @@ class TensorDataLoader:
         return TensorDataset(*self.tensors)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        # the random numbers a DataLoader draws, in its order: switching never changes a run
+        draw_base_seed(self.generator)
+        return self._batches()
+
+    def _batches(self) -> Iterator[tuple[Tensor, ...]]:
         tensors, bs = self.tensors, self.batch_size
         stop = len(self) * bs
         if not self.shuffle:
@@ -286,12 +296,59 @@ class TensorDataLoader:
                 yield tuple(t[start : start + bs] for t in tensors)
             return
         gen = self.generator
-        order = torch.randperm(
-            len(tensors[0]), generator=gen, device=gen.device if gen is not None else "cpu"
-        ).to(self.device)
+        order = draw_permutation(len(tensors[0]), gen).to(self.device)
         for start in range(0, stop, bs):
             idx = order[start : start + bs]
             yield tuple(t.index_select(0, idx) for t in tensors)
+        if gen is not None:  # a RandomSampler with a generator draws once more when exhausted
+            draw_permutation(len(tensors[0]), gen)
+
+
+def fast_loader(dl: Iterable[T]) -> Iterable[T]:
+    """`dl` with its batches built by indexing where that gives exactly the same batches.
+
+    A `DataLoader` for which `why_not_fast` finds nothing (a `TensorDataset`, default collate,
+    no workers, `shuffle` either way; see docs/data.md) becomes a `FastTensorLoader`, also
+    inside a `WrappedDataLoader` or `DeviceDataLoader` (rebuilt around it with the same
+    function, device and options). Anything else is returned as it is. Batches, the random
+    generators' states and so every result are bitwise those of iterating `dl`. `fit`,
+    `evaluate` and `predict` call it on their loaders unless given `fast_loaders=False`.
+
+    Args:
+        dl: Any loader.
+
+    Returns:
+        The faster equivalent of `dl`, or `dl` itself.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> ds = TensorDataset(torch.zeros(8, 2), torch.zeros(8))
+        >>> type(fast_loader(DataLoader(ds, batch_size=4, shuffle=True))).__name__
+        'FastTensorLoader'
+        >>> wrapped = fast_loader(WrappedDataLoader(DataLoader(ds, batch_size=4), lambda x, y: x))
+        >>> type(wrapped.dl).__name__
+        'FastTensorLoader'
+        >>> dl = DataLoader(ds, batch_size=4, num_workers=1)
+        >>> fast_loader(dl) is dl
+        True
+    """
+    loader: object = dl  # checked by exact type below: a subclass may iterate differently
+    if type(loader) is DataLoader:
+        return cast(Iterable[T], FastTensorLoader(loader)) if why_not_fast(loader) is None else dl
+    if type(loader) is WrappedDataLoader:
+        inner = fast_loader(loader.dl)
+        return (
+            dl if inner is loader.dl else cast(Iterable[T], WrappedDataLoader(inner, loader.func))
+        )
+    if type(loader) is DeviceDataLoader:
+        inner = fast_loader(loader.dl)
+        if inner is loader.dl:
+            return dl
+        rebuilt = DeviceDataLoader(
+            inner, loader.device, loader.non_blocking, prefetch=loader.prefetch
+        )
+        return cast(Iterable[T], rebuilt)
+    return dl
 
 
 def to_device(batch: T, device: torch.device | str, *, non_blocking: bool = False) -> T:

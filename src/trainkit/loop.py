@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +29,8 @@ from trainkit.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from trainkit.data import _canonical, _to_device, set_epoch
+from trainkit.compiling import compile_step
+from trainkit.data import _canonical, _to_device, fast_loader, set_epoch
 from trainkit.distributed import is_distributed, rank, world_size
 from trainkit.metrics import (
     SYNCED,
@@ -123,6 +123,7 @@ def fit(
     compile: bool = False,
     terminate_on_nan: bool = True,
     resume: str | os.PathLike[str] | None = None,
+    fast_loaders: bool = True,
 ) -> History:
     """Train `model` for `epochs` epochs, validating after each: the tutorial's `fit`, kept.
 
@@ -173,14 +174,23 @@ def fit(
         clip_grad_value: Clip every gradient element to `[-value, value]` before each step.
         channels_last: Put the model and 4-dim inputs in `torch.channels_last` memory format
             (faster convolutions on many devices).
-        compile: Run the forward pass through `torch.compile` (skipped with a warning where
-            this Python or platform cannot compile). Checkpoints still see the plain model.
+        compile: Compile the training step with `torch.compile`: the model (forward and
+            backward) and the optimizer step (with a scheduler, only if the learning rates
+            are tensors); the loss runs eagerly between them. Results agree with eager
+            training to a relative 1e-4, not bit for bit. Where compiling fails, that part
+            runs eagerly after one warning. On the CPU it often costs more than it saves
+            (docs/benchmarks.md). Checkpoints still see the plain model.
         terminate_on_nan: Add `TerminateOnNaN()`: stop at the first NaN or infinite loss (or
             weights), with a warning; see `TerminateOnNaN` for what the model then holds.
         resume: A checkpoint file, or a `ModelCheckpoint` directory (its `last.ckpt`), to
             continue from: model, optimizer, scheduler, scaler, callbacks, History, random
             generators and the position in the epoch are restored, and the batches after it are
             the ones the uninterrupted run would have seen. `epochs` is the run's total.
+        fast_loaders: Build the batches of a `DataLoader` over a `TensorDataset` (default
+            collate, no workers; also inside `WrappedDataLoader`/`DeviceDataLoader`) by
+            indexing its tensors instead of sample by sample: the same batches and random
+            numbers, so the same results, faster (`fast_loader`). `False`: iterate the loaders
+            as given.
 
     Ctrl-C while training is deferred to the end of the next optimizer step (with
     `accumulate`, the end of the accumulation group; during validation, the end of the batch; a
@@ -223,6 +233,9 @@ def fit(
         ...               scheduler_monitor="val_accuracy", progress=False)
     """
     _check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
+    if fast_loaders:  # bitwise the same batches, without per-sample Python (trainkit.fastpath)
+        train_dl = fast_loader(train_dl)
+        valid_dl = fast_loader(valid_dl) if valid_dl is not None else None
     if device is not None:
         model.to(device)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
@@ -392,6 +405,7 @@ class _Run:
     clip_grad_norm: float | None
     clip_grad_value: float | None
     channels_last: bool
+    opt_step: Callable[[], object]  # opt.step, or compiled with compile=True (trainkit.compiling)
     plateau_monitor: str | None = None  # what a ReduceLROnPlateau is stepped with
 
     @classmethod
@@ -442,12 +456,10 @@ class _Run:
             model.module if isinstance(model, DistributedDataParallel) else model
         )
         forward: Callable[[Any], Any] = ddp if ddp is not None else model
-        if compile:
-            try:
-                forward = torch.compile(forward)
-                evaluate_forward = forward if ddp is None else evaluate_forward
-            except RuntimeError as err:  # raised at once where this Python/platform can't compile
-                warnings.warn(f"fit(compile=True): running eagerly: {err}", stacklevel=3)
+        opt_step: Callable[[], object] = opt.step
+        if compile:  # the model (forward and backward) and the optimizer step, each compiled
+            forward, opt_step = compile_step(forward, opt, scheduler is not None)
+            evaluate_forward = forward if ddp is None else evaluate_forward
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
         return cls(
             forward=forward,
@@ -461,6 +473,7 @@ class _Run:
             clip_grad_norm=clip_grad_norm,
             clip_grad_value=clip_grad_value,
             channels_last=channels_last,
+            opt_step=opt_step,
         )
 
 
@@ -605,7 +618,7 @@ def _optimizer_step(
         scaler.step(opt)  # GradScaler reads its inf check back from the device here
         scaler.update()
     else:
-        opt.step()
+        run.opt_step()  # opt.step(), compiled with compile=True
     if before_zero_grad:  # the gradients as clipped and used by the step
         _call_in_step(before_zero_grad, state)
     opt.zero_grad()
@@ -623,6 +636,7 @@ def evaluate(
     *,
     device: torch.device | str | None = None,
     callbacks: Sequence[Callback] = (),
+    fast_loaders: bool = True,
 ) -> dict[str, float]:
     """The loss and metrics of `model` over `dl`, without training (the Quickstart's test loop).
 
@@ -638,6 +652,7 @@ def evaluate(
         callbacks: `Callback`s whose `on_evaluate_start`, `on_evaluate_batch_start`,
             `on_evaluate_batch_end` and `on_evaluate_end` hooks run, each with an `EvalState`
             (a hook may replace `state.xb`/`state.yb` in `on_evaluate_batch_start`).
+        fast_loaders: As for `fit`: `False` iterates `dl` as given.
 
     Returns:
         `{"loss": ..., "<metric name>": ...}` as Python floats. Metrics whose result has more
@@ -666,6 +681,7 @@ def evaluate(
     named = named_metrics(metrics)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
     move_metrics(named, dev)
+    dl = fast_loader(dl) if fast_loaders else dl
     hooks = _hooks(sort_callbacks(callbacks))
     state = EvalState(model, dl, dev, loss_func) if callbacks else None
     was_training = model.training
@@ -749,6 +765,7 @@ def predict(
     *,
     device: torch.device | str | None = None,
     callbacks: Sequence[Callback] = (),
+    fast_loaders: bool = True,
 ) -> Tensor:
     """The model's outputs over `dl`, concatenated along the first dimension.
 
@@ -762,6 +779,7 @@ def predict(
         callbacks: `Callback`s whose `on_predict_start`, `on_predict_batch_start`,
             `on_predict_batch_end` and `on_predict_end` hooks run, each with an `EvalState`
             (a hook may replace `state.xb` in `on_predict_batch_start`).
+        fast_loaders: As for `fit`: `False` iterates `dl` as given.
 
     Returns:
         A tensor with one row per sample, on the model's device.
@@ -784,6 +802,7 @@ def predict(
         1 (2, 3)
     """
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    dl = fast_loader(dl) if fast_loaders else dl
     hooks = _hooks(sort_callbacks(callbacks))
     state = EvalState(model, dl, dev)
     was_training = model.training
