@@ -232,7 +232,7 @@ def test_prefetch_orders_the_stream_synchronisation(monkeypatch: pytest.MonkeyPa
         return obj
 
     monkeypatch.setattr(trainkit.data, "_pin", pin)
-    monkeypatch.setattr(trainkit.data, "_to_device", copy)
+    monkeypatch.setattr(trainkit.data, "move_to", copy)
     monkeypatch.setattr(
         trainkit.data,
         "_record_stream",

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from trainkit._batch import canonical, map_tensors, move_to
 from trainkit.distributed import ShardSampler, is_distributed
 from trainkit.fastpath import FastTensorLoader, draw_base_seed, draw_permutation, why_not_fast
 
@@ -121,7 +122,7 @@ class DeviceDataLoader(Generic[B]):
         prefetch: bool = True,
     ) -> None:
         self.dl = dl
-        self.device = _canonical(torch.device(device))
+        self.device = canonical(torch.device(device))
         self.non_blocking = non_blocking
         self.prefetch = prefetch
 
@@ -158,7 +159,7 @@ def _prefetch_cuda(dl: Iterable[B], device: torch.device) -> Iterator[B]:
         if batch is _END:
             return _END
         with torch.cuda.stream(side):
-            return _to_device(_pin(batch), device, True)
+            return move_to(_pin(batch), device, True)
 
     pending = start_copy()
     while pending is not _END:
@@ -172,7 +173,7 @@ def _prefetch_cuda(dl: Iterable[B], device: torch.device) -> Iterator[B]:
 
 
 def _pin(obj: Any) -> Any:
-    return _map_tensors(obj, lambda t: t.pin_memory() if _pinnable(t) else t)
+    return map_tensors(obj, lambda t: t.pin_memory() if _pinnable(t) else t)
 
 
 def _pinnable(t: Tensor) -> bool:
@@ -267,7 +268,7 @@ class TensorDataLoader:
                     f"({sorted(map(str, devices))}); pass device=..."
                 )
             device = tensors[0].device
-        self.device = _canonical(torch.device(device))
+        self.device = canonical(torch.device(device))
         self.tensors = tuple(t.to(self.device) for t in tensors)
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -371,30 +372,7 @@ def to_device(batch: T, device: torch.device | str, *, non_blocking: bool = Fals
         >>> xb.device
         device(type='cpu')
     """
-    return cast(T, _to_device(batch, _canonical(torch.device(device)), non_blocking))
-
-
-def _to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
-    """`to_device` with `device` already canonical; `fit` calls it twice per step."""
-    if isinstance(obj, Tensor):  # the common case, without building a closure
-        return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
-    return _map_tensors(
-        obj, lambda t: t if t.device == device else t.to(device, non_blocking=non_blocking)
-    )
-
-
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """`obj` with `fn` applied to every tensor in it, containers rebuilt with the same type."""
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple):
-        items = [_map_tensors(o, fn) for o in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    if isinstance(obj, list):
-        return [_map_tensors(o, fn) for o in obj]
-    if isinstance(obj, Mapping):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
-    return obj
+    return cast(T, move_to(batch, canonical(torch.device(device)), non_blocking))
 
 
 def get_device() -> torch.device:
@@ -408,7 +386,7 @@ def get_device() -> torch.device:
         True
     """
     if torch.cuda.is_available():
-        return _canonical(torch.device("cuda"))
+        return canonical(torch.device("cuda"))
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -479,14 +457,6 @@ def get_data(
         DataLoader(train_ds, batch_size=bs, shuffle=True, **loader_kwargs),
         DataLoader(valid_ds, batch_size=bs * 2, **loader_kwargs),
     )
-
-
-def _canonical(device: torch.device) -> torch.device:
-    # "cuda" and "cuda:0" compare unequal; give bare accelerator names their current index so
-    # the "already there" check in _to_device is a plain comparison.
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
 
 
 def _len(dl: object, owner: str) -> int:

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from trainkit._batch import batch_size, canonical, check_loss, model_device, move_to, pair
 from trainkit.callbacks.base import HOOKS, Callback, StopTraining, overrides, sort_callbacks
 from trainkit.callbacks.nan import TerminateOnNaN
 from trainkit.callbacks.progress import ProgressBar
@@ -30,7 +31,7 @@ from trainkit.checkpoint import (
     set_rng_state,
 )
 from trainkit.compiling import compile_step
-from trainkit.data import _canonical, _to_device, fast_loader, set_epoch
+from trainkit.data import fast_loader, set_epoch
 from trainkit.distributed import is_distributed, rank, world_size
 from trainkit.metrics import (
     SYNCED,
@@ -84,12 +85,12 @@ def loss_batch(
         >>> n
         8
     """
-    loss = _check_loss(loss_func(model(xb), yb), loss_func)
+    loss = check_loss(loss_func(model(xb), yb), loss_func)
     if opt is not None:
         torch.autograd.backward(loss)
         opt.step()
         opt.zero_grad()
-    return loss.item(), _batch_size(xb, yb)
+    return loss.item(), batch_size(xb, yb)
 
 
 Amp = Literal["bf16", "fp16"]
@@ -238,7 +239,7 @@ def fit(
         valid_dl = fast_loader(valid_dl) if valid_dl is not None else None
     if device is not None:
         model.to(device)
-    dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    dev = model_device(model) if device is None else canonical(torch.device(device))
     run = _Run.build(
         model, opt, dev, scheduler, scheduler_interval, amp, accumulate,
         clip_grad_norm, clip_grad_value, channels_last, compile,
@@ -497,8 +498,8 @@ def _train_epoch(
     model.train()
     batches, train_loss = _start_epoch(state, resume)
     for step, batch in batches:
-        xb, yb = _pair(batch, "train_dl")
-        xb, yb = _to_device(xb, dev), _to_device(yb, dev)
+        xb, yb = pair(batch, "train_dl")
+        xb, yb = move_to(xb, dev), move_to(yb, dev)
         if run.channels_last and isinstance(xb, Tensor) and xb.ndim == 4:
             xb = xb.contiguous(memory_format=torch.channels_last)
         state.step, state.xb, state.yb = step, xb, yb
@@ -509,7 +510,7 @@ def _train_epoch(
         with run.ddp.no_sync() if no_sync else _NULL:  # type: ignore[union-attr]
             with autocast or _NULL:
                 out = forward(state.xb)
-                loss = _check_loss(loss_func(out, state.yb), loss_func)
+                loss = check_loss(loss_func(out, state.yb), loss_func)
             scaled = loss
             if accumulate > 1:
                 scaled = loss / (
@@ -523,7 +524,7 @@ def _train_epoch(
         if pending == accumulate or step + 1 == n:
             _optimizer_step(state, hooks, run)
             pending = 0
-        train_loss.update(state.loss, _batch_size(state.xb, state.yb))
+        train_loss.update(state.loss, batch_size(state.xb, state.yb))
         state.batches_done = step + 1
         if batch_end:
             _call_in_step(batch_end, state)
@@ -679,7 +680,7 @@ def evaluate(
         ['loss']
     """
     named = named_metrics(metrics)
-    dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    dev = model_device(model) if device is None else canonical(torch.device(device))
     move_metrics(named, dev)
     dl = fast_loader(dl) if fast_loaders else dl
     hooks = _hooks(sort_callbacks(callbacks))
@@ -724,15 +725,15 @@ def _evaluate(
         if start and state is not None:
             _call_any(start, state)
         for step, batch in enumerate(dl):
-            xb, yb = _pair(batch, arg)
-            xb, yb = _to_device(xb, dev), _to_device(yb, dev)
+            xb, yb = pair(batch, arg)
+            xb, yb = move_to(xb, dev), move_to(yb, dev)
             if batch_start and state is not None:
                 state.step, state.xb, state.yb = step, xb, yb
                 _call_any(batch_start, state)
                 xb, yb = state.xb, state.yb
             with autocast or _NULL:
                 out = model(xb)
-                loss.update(_check_loss(loss_func(out, yb), loss_func), _batch_size(xb, yb))
+                loss.update(check_loss(loss_func(out, yb), loss_func), batch_size(xb, yb))
                 for m in metrics.values():
                     m.update(out, yb)
             if state is not None:
@@ -801,7 +802,7 @@ def predict(
         0 (8, 3)
         1 (2, 3)
     """
-    dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    dev = model_device(model) if device is None else canonical(torch.device(device))
     dl = fast_loader(dl) if fast_loaders else dl
     hooks = _hooks(sort_callbacks(callbacks))
     state = EvalState(model, dl, dev)
@@ -813,7 +814,7 @@ def predict(
             _call_eval(hooks["on_predict_start"], state)
             for step, batch in enumerate(dl):
                 xb = batch[0] if isinstance(batch, tuple | list) else batch
-                xb = _to_device(xb, dev)
+                xb = move_to(xb, dev)
                 if hooks["on_predict_batch_start"]:
                     state.step, state.xb = step, xb
                     _call_eval(hooks["on_predict_batch_start"], state)
@@ -864,52 +865,6 @@ def _note_failure(exc: BaseException, hook: Callable[..., None], *args: Any) -> 
         hook(*args)
     except Exception as err:
         exc.add_note(f"trainkit: {hook.__qualname__} also failed: {type(err).__name__}: {err}")
-
-
-_SEQUENCES = (tuple, list)  # a constant: `tuple | list` would build a union on every call
-
-
-def _pair(batch: Any, arg: str) -> tuple[Any, Any]:
-    if isinstance(batch, _SEQUENCES) and len(batch) == 2:
-        return batch[0], batch[1]
-    what = f"a {type(batch).__name__}"
-    if isinstance(batch, _SEQUENCES):
-        what += f" of {len(batch)} items"
-    raise TypeError(
-        f"{arg} yielded {what}; fit expects (input, target) pairs. Adapt the batches with "
-        f"WrappedDataLoader({arg}, func), where func returns (input, target)."
-    )
-
-
-def _check_loss(loss: Any, loss_func: LossFn) -> Tensor:
-    if not isinstance(loss, Tensor):
-        raise TypeError(
-            f"loss_func ({_name(loss_func)}) returned a {type(loss).__name__}, not a tensor"
-        )
-    if loss.ndim != 0:
-        raise ValueError(
-            f"loss_func ({_name(loss_func)}) returned a tensor of shape {tuple(loss.shape)}; "
-            "it must be a scalar (0-dim): reduce it, e.g. with reduction='mean'"
-        )
-    return loss
-
-
-def _name(obj: object) -> str:
-    return str(getattr(obj, "__qualname__", None) or type(obj).__name__)
-
-
-def _batch_size(xb: Any, yb: Any) -> int:
-    if isinstance(xb, Tensor) and xb.ndim:
-        return xb.shape[0]  # what len(xb) returns, without Tensor.__len__'s Python checks
-    return len(yb)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def _check_fit_args(

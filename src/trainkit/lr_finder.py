@@ -13,9 +13,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from trainkit._batch import canonical, check_loss, model_device, move_to, pair
 from trainkit.checkpoint import rng_state, set_rng_state
-from trainkit.data import _canonical, _to_device
-from trainkit.loop import _check_loss, _model_device, _pair
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -97,7 +96,7 @@ def lr_find(
         raise ValueError(f"lr_find(diverge=...): expected a number > 1, got {diverge!r}")
     if not 0 <= smoothing < 1:
         raise ValueError(f"lr_find(smoothing=...): expected a number in [0, 1), got {smoothing!r}")
-    dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    dev = model_device(model) if device is None else canonical(torch.device(device))
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
     saved_rng, was_training = rng_state(), model.training
@@ -114,9 +113,9 @@ def lr_find(
             lr = start_lr * (end_lr / start_lr) ** (i / (num_steps - 1))
             for group in opt.param_groups:
                 group["lr"] = lr
-            xb, yb = _pair(batch, "train_dl")
-            out = model(_to_device(xb, dev))
-            loss = _check_loss(loss_func(out, _to_device(yb, dev)), loss_func)
+            xb, yb = pair(batch, "train_dl")
+            out = model(move_to(xb, dev))
+            loss = check_loss(loss_func(out, move_to(yb, dev)), loss_func)
             torch.autograd.backward(loss)
             opt.step()
             opt.zero_grad()
