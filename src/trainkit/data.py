@@ -119,7 +119,7 @@ class DeviceDataLoader(Generic[B]):
         prefetch: bool = True,
     ) -> None:
         self.dl = dl
-        self.device = _canonical(torch.device(device))
+        self.device: torch.device = _canonical(torch.device(device))
         self.non_blocking = non_blocking
         self.prefetch = prefetch
 
@@ -262,8 +262,8 @@ class TensorDataLoader:
                     f"({sorted(map(str, devices))}); pass device=..."
                 )
             device = tensors[0].device
-        self.device = _canonical(torch.device(device))
-        self.tensors = tuple(t.to(self.device) for t in tensors)
+        self.device: torch.device = _canonical(torch.device(device))
+        self.tensors: tuple[Tensor, ...] = tuple(t.to(self.device) for t in tensors)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator

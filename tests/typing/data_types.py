@@ -24,7 +24,17 @@ assert_type(on_device.sampler, Any)
 assert_type(WrappedDataLoader(on_device, lambda xb, yb: xb).dataset, Any)
 
 ds = CustomImageDataset("labels.csv", "images", target_transform=OneHot(10), mode="rgb")
-assert_type(ds[0], tuple[Any, Any])
+assert_type(ds[0], tuple[Tensor, Tensor])
+# without transforms: a uint8 image tensor and an int class index; each transform sets its part
+assert_type(CustomImageDataset("labels.csv", "images")[0], tuple[Tensor, int])
+assert_type(
+    CustomImageDataset("labels.csv", "images", lambda im: im.shape)[0], tuple[torch.Size, int]
+)
+assert_type(CustomImageDataset("labels.csv", "images", None, str)[0], tuple[Tensor, str])
+assert_type(
+    CustomImageDataset("labels.csv", "images", lambda im: im.float(), OneHot(10))[0],
+    tuple[Tensor, Tensor],
+)
 assert_type(ds.classes, list[str] | None)
 assert_type(ds.targets, list[int])
 assert_type(OneHot(10)(3), Tensor)
