@@ -52,7 +52,7 @@ from trainkit.metrics import (
     accuracy,
     top_k_accuracy,
 )
-from trainkit.state import EvalState, History, Status, TrainState
+from trainkit.state import EvalState, History, HistoryFigure, Status, TrainState
 from trainkit.transforms import OneHot, one_hot
 
 __version__ = "0.1.0"
@@ -74,6 +74,7 @@ __all__ = [
     "EarlyStopping",
     "EvalState",
     "History",
+    "HistoryFigure",
     "LRFinderResult",
     "Lambda",
     "LoaderOptions",

@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from trainkit.checkpoint import rng_state, set_rng_state
 from trainkit.data import _canonical, _to_device
-from trainkit.loop import _check_loss, _model_device, _pair
+from trainkit.loop import LossFn, _check_loss, _model_device, _pair
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -42,7 +42,7 @@ class LRFinderResult:
 
 def lr_find(
     model: nn.Module,
-    loss_func: Any,
+    loss_func: LossFn,
     opt: Optimizer,
     train_dl: Iterable[Any],
     *,
