@@ -93,3 +93,55 @@ def test_pyright_verifytypes_reports_full_type_completeness(tmp_path: Path) -> N
     assert completeness["missingClassDocStringCount"] == 0
     assert completeness["exportedSymbolCounts"]["withKnownType"] > 400  # it saw the package
     assert completeness["completenessScore"] == 1.0
+
+
+TYPING = Path(__file__).parent / "typing"
+
+
+def _mypy(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # in a folder without a config file: mypy's defaults, as in a user's fresh project
+    return subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(cwd / ".mypy_cache"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def test_the_tutorials_wrapped_loader_lines_pass_mypy_default_and_strict(tmp_path: Path) -> None:
+    # the tutorial's own code with its unannotated `def preprocess(x, y)`, without the comment
+    # that lets `make typecheck` (strict) accept that def
+    source = (TYPING / "tutorial_types.py").read_text()
+    copy = tmp_path / "tutorial.py"
+    copy.write_text(source.replace("# mypy: allow-untyped-defs\n", "", 1))
+    lines = copy.read_text().splitlines()
+    assert "train_dl = WrappedDataLoader(train_dl, preprocess)" in lines
+    def_line = lines.index("def preprocess(x, y):") + 1
+
+    default = _mypy(tmp_path, "tutorial.py")
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert "Success: no issues found in 1 source file" in default.stdout
+
+    strict = _mypy(tmp_path, "--strict", "tutorial.py")
+    errors = [line for line in strict.stdout.splitlines() if ": error:" in line]
+    # the user's own unannotated function, and nothing else: no line that uses trainkit
+    assert errors == [
+        f"tutorial.py:{def_line}: error: Function is missing a type annotation  [no-untyped-def]"
+    ], strict.stdout + strict.stderr
+
+
+@pytest.mark.usefixtures("pyright_runs")
+def test_lambdas_given_to_wrapped_data_loader_pass_pyright_strict(tmp_path: Path) -> None:
+    (tmp_path / "snippet.py").write_text((TYPING / "pyright_strict_types.py").read_text())
+    (tmp_path / "pyrightconfig.json").write_text('{"typeCheckingMode": "strict"}\n')
+    done = _pyright("--outputjson", "snippet.py", cwd=tmp_path)
+    report = json.loads(done.stdout)
+    problems = [
+        f"snippet.py:{d['range']['start']['line'] + 1}: {d.get('rule', '')} {d['message']}"
+        for d in report["generalDiagnostics"]
+    ]
+    assert problems == []
+    assert report["summary"]["filesAnalyzed"] == 1
+    assert done.returncode == 0

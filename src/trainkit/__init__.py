@@ -28,6 +28,7 @@ from trainkit.checkpoint import (
 )
 from trainkit.data import (
     DeviceDataLoader,
+    Loader,
     LoaderOptions,
     TensorDataLoader,
     WrappedDataLoader,
@@ -77,6 +78,7 @@ __all__ = [
     "HistoryFigure",
     "LRFinderResult",
     "Lambda",
+    "Loader",
     "LoaderOptions",
     "LossFn",
     "Mean",

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from typing import Any, Final, Generic, TypedDict, TypeVar, Unpack, cast
+from typing import Any, Final, Generic, TypedDict, TypeVar, Unpack, cast, overload
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from trainkit._types import Loader
 from trainkit.distributed import ShardSampler, is_distributed
 
 __all__ = [
     "DeviceDataLoader",
+    "Loader",
     "LoaderOptions",
     "TensorDataLoader",
     "WrappedDataLoader",
@@ -52,6 +54,16 @@ class WrappedDataLoader(Generic[T]):
         [(4, 1, 28, 28), (4, 1, 28, 28)]
     """
 
+    # By the number of arguments, so that an editor types a lambda's arguments (as `Any`: the
+    # batches of a DataLoader are untyped) instead of leaving them unknown.
+    @overload
+    def __init__(self, dl: Iterable[Any], func: Callable[[Any], T]) -> None: ...
+    @overload
+    def __init__(self, dl: Iterable[Any], func: Callable[[Any, Any], T]) -> None: ...
+    @overload
+    def __init__(self, dl: Iterable[Any], func: Callable[[Any, Any, Any], T]) -> None: ...
+    @overload  # mypy thinks the three above cover it; four or more arguments do reach it
+    def __init__(self, dl: Iterable[Any], func: Callable[..., T]) -> None: ...  # type: ignore[overload-cannot-match]
     def __init__(self, dl: Iterable[Any], func: Callable[..., T]) -> None:
         if not callable(func):
             raise TypeError(
@@ -377,7 +389,7 @@ class LoaderOptions(TypedDict, total=False):
 
 def get_data(
     train_ds: Dataset[T], valid_ds: Dataset[T], bs: int, **loader_kwargs: Unpack[LoaderOptions]
-) -> tuple[DataLoader[T], DataLoader[T]]:
+) -> tuple[Loader[Any], Loader[Any]]:
     """Build the tutorial's loaders: shuffled training batches of `bs`, validation of `2 * bs`.
 
     Under a process group (`trainkit.distributed.init()`), the training loader draws from a

@@ -40,3 +40,14 @@ assert_type(ds.targets, list[int])
 assert_type(OneHot(10)(3), Tensor)
 assert_type(one_hot(y, 10, dtype=torch.float16), Tensor)
 assert_type(DatasetError("bad").problems, tuple[str, ...])
+
+
+# WrappedDataLoader's func takes a batch's items as arguments, however many there are
+def four(a: Tensor, b: Tensor, c: Tensor, d: Tensor) -> Tensor:
+    return a + b + c + d
+
+
+assert_type(
+    WrappedDataLoader(DataLoader(TensorDataset(x, x, x, x)), four), WrappedDataLoader[Tensor]
+)
+assert_type(WrappedDataLoader([(x, y)], lambda xb, yb: xb), WrappedDataLoader[Any])
