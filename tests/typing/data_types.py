@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from trainkit.data import DeviceDataLoader, TensorDataLoader, WrappedDataLoader
+from trainkit.data import DeviceDataLoader, Loader, TensorDataLoader, WrappedDataLoader
 from trainkit.datasets import CustomImageDataset, DatasetError
 from trainkit.transforms import OneHot, one_hot
 
@@ -51,3 +51,11 @@ assert_type(
     WrappedDataLoader(DataLoader(TensorDataset(x, x, x, x)), four), WrappedDataLoader[Tensor]
 )
 assert_type(WrappedDataLoader([(x, y)], lambda xb, yb: xb), WrappedDataLoader[Any])
+
+# what get_data returns: a DataLoader, and each of trainkit's loaders, is a Loader
+all_loaders: list[Loader[Any]] = [
+    DataLoader(TensorDataset(x, y)),
+    in_memory,
+    on_device,
+    WrappedDataLoader(in_memory, lambda xb, yb: xb),
+]
