@@ -441,7 +441,9 @@ def get_data(
             `pin_memory`, ...).
 
     Returns:
-        `(train_dl, valid_dl)`.
+        `(train_dl, valid_dl)`: two `DataLoader`s, typed as `Loader` so that the tutorial's
+        `train_dl = WrappedDataLoader(train_dl, preprocess)` type-checks (narrow with
+        `isinstance(train_dl, DataLoader)` for `batch_size` and the other attributes).
 
     Raises:
         ValueError: `bs` is not a positive integer.
