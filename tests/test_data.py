@@ -54,7 +54,7 @@ def test_wrapped_loader_passes_non_sequence_batches_whole() -> None:
 
 def test_wrapped_loader_errors() -> None:
     with pytest.raises(TypeError, match="func must be callable"):
-        WrappedDataLoader([], None)  # type: ignore[arg-type]
+        WrappedDataLoader([], None)  # type: ignore[call-overload]
 
     def gen() -> Iterator[tuple[Tensor, Tensor]]:
         yield torch.ones(1), torch.ones(1)
@@ -113,6 +113,7 @@ def test_get_device_prefers_cuda_then_mps(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_get_data_builds_the_tutorial_loaders() -> None:
     train_dl, valid_dl = get_data(ds(10), ds(7), 3, drop_last=True)
+    assert isinstance(train_dl, DataLoader) and isinstance(valid_dl, DataLoader)
     assert isinstance(train_dl.sampler, RandomSampler)
     assert isinstance(valid_dl.sampler, SequentialSampler)
     assert train_dl.batch_size == 3 and valid_dl.batch_size == 6

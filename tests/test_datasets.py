@@ -9,6 +9,7 @@ import pickle
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -170,7 +171,7 @@ def write(folder: Path, files: dict[str, bytes], csv: str) -> Path:
     return folder / "labels.csv"
 
 
-def dataset(folder: Path, **kwargs: object) -> CustomImageDataset:
+def dataset(folder: Path, **kwargs: object) -> CustomImageDataset[Any, Any]:
     return CustomImageDataset(folder / "labels.csv", folder / "images", **kwargs)  # type: ignore[arg-type]
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from trainkit import (
     Callback,
+    Loader,
     TrainState,
     accuracy,
     evaluate,
@@ -25,7 +26,7 @@ from trainkit import (
 
 def linear_setup(
     data: tuple[TensorDataset, TensorDataset], lr: float = 0.1
-) -> tuple[nn.Module, optim.Optimizer, DataLoader[Any], DataLoader[Any]]:
+) -> tuple[nn.Module, optim.Optimizer, Loader[Any], Loader[Any]]:
     torch.manual_seed(0)
     model = nn.Linear(20, 3)
     opt = optim.SGD(model.parameters(), lr=lr)

@@ -88,8 +88,8 @@ def test_wrapped_data_loader_with_adaptive_pooling(
 ) -> None:
     torch.manual_seed(0)
     train_dl, valid_dl = get_data(*images, bs)
-    train_dl = WrappedDataLoader(train_dl, preprocess_batch)  # type: ignore[assignment]
-    valid_dl = WrappedDataLoader(valid_dl, preprocess_batch)  # type: ignore[assignment]
+    train_dl = WrappedDataLoader(train_dl, preprocess_batch)
+    valid_dl = WrappedDataLoader(valid_dl, preprocess_batch)
     model = nn.Sequential(
         nn.Conv2d(1, 16, kernel_size=3, stride=2, padding=1),
         nn.ReLU(),

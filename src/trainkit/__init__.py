@@ -28,6 +28,7 @@ from trainkit.checkpoint import (
 )
 from trainkit.data import (
     DeviceDataLoader,
+    Loader,
     LoaderOptions,
     TensorDataLoader,
     WrappedDataLoader,
@@ -54,7 +55,7 @@ from trainkit.metrics import (
     accuracy,
     top_k_accuracy,
 )
-from trainkit.state import EvalState, History, Status, TrainState
+from trainkit.state import EvalState, History, HistoryFigure, Status, TrainState
 from trainkit.transforms import OneHot, one_hot
 
 __version__ = "0.1.0"
@@ -77,8 +78,10 @@ __all__ = [
     "EvalState",
     "FastTensorLoader",
     "History",
+    "HistoryFigure",
     "LRFinderResult",
     "Lambda",
+    "Loader",
     "LoaderOptions",
     "LossFn",
     "Mean",

@@ -38,7 +38,9 @@ class FirstCallFallback:
     """
 
     def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], what: str) -> None:
-        self.compiled, self.eager, self.what = compiled, eager, what
+        self.compiled: Callable[..., Any] = compiled
+        self.eager: Callable[..., Any] = eager
+        self.what: str = what
         self.call: Callable[..., Any] = self._first
 
     def __call__(self, *args: Any) -> Any:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from typing import Any, Final, Generic, TypedDict, TypeVar, Unpack, cast
+from typing import Any, Final, Generic, Protocol, TypedDict, TypeVar, Unpack, cast, overload
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from trainkit.fastpath import FastTensorLoader, draw_base_seed, draw_permutation
 
 __all__ = [
     "DeviceDataLoader",
+    "Loader",
     "LoaderOptions",
     "TensorDataLoader",
     "WrappedDataLoader",
@@ -26,6 +27,42 @@ __all__ = [
 
 T = TypeVar("T")
 B = TypeVar("B")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class Loader(Protocol[T_co]):
+    """A re-iterable loader of batches with a length and a dataset: what `get_data` returns.
+
+    A `DataLoader` is one, and so are trainkit's loaders that wrap one (`WrappedDataLoader`,
+    `DeviceDataLoader`) and `TensorDataLoader`. `get_data` is typed with it rather than with
+    `DataLoader`, so the tutorial's own lines type-check as they are:
+    `train_dl, valid_dl = get_data(train_ds, valid_ds, bs)`, then
+    `train_dl = WrappedDataLoader(train_dl, preprocess)` (the variable keeps one type).
+
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import TensorDataset
+        >>> from trainkit import WrappedDataLoader, get_data
+        >>> ds = TensorDataset(torch.zeros(8, 784), torch.zeros(8, dtype=torch.long))
+        >>> train_dl, valid_dl = get_data(ds, ds, bs=4)
+        >>> train_dl = WrappedDataLoader(train_dl, lambda x, y: (x.view(-1, 1, 28, 28), y))
+        >>> loaders: list[Loader[object]] = [train_dl, valid_dl]
+        >>> [len(dl) for dl in loaders], len(train_dl.dataset)
+        ([2, 1], 8)
+    """
+
+    def __iter__(self) -> Iterator[T_co]:
+        """Iterate over the batches (each epoch anew)."""
+        ...
+
+    def __len__(self) -> int:
+        """The number of batches."""
+        ...
+
+    @property
+    def dataset(self) -> Dataset[Any]:
+        """The dataset the batches come from."""
+        ...
 
 
 class WrappedDataLoader(Generic[T]):
@@ -55,6 +92,16 @@ class WrappedDataLoader(Generic[T]):
         [(4, 1, 28, 28), (4, 1, 28, 28)]
     """
 
+    # By the number of arguments, so that an editor types a lambda's arguments (as `Any`: the
+    # batches of a DataLoader are untyped) instead of leaving them unknown.
+    @overload
+    def __init__(self, dl: Iterable[Any], func: Callable[[Any], T]) -> None: ...
+    @overload
+    def __init__(self, dl: Iterable[Any], func: Callable[[Any, Any], T]) -> None: ...
+    @overload
+    def __init__(self, dl: Iterable[Any], func: Callable[[Any, Any, Any], T]) -> None: ...
+    @overload  # mypy thinks the three above cover it; four or more arguments do reach it
+    def __init__(self, dl: Iterable[Any], func: Callable[..., T]) -> None: ...  # type: ignore[overload-cannot-match]
     def __init__(self, dl: Iterable[Any], func: Callable[..., T]) -> None:
         if not callable(func):
             raise TypeError(
@@ -122,7 +169,7 @@ class DeviceDataLoader(Generic[B]):
         prefetch: bool = True,
     ) -> None:
         self.dl = dl
-        self.device = canonical(torch.device(device))
+        self.device: torch.device = canonical(torch.device(device))
         self.non_blocking = non_blocking
         self.prefetch = prefetch
 
@@ -268,8 +315,8 @@ class TensorDataLoader:
                     f"({sorted(map(str, devices))}); pass device=..."
                 )
             device = tensors[0].device
-        self.device = canonical(torch.device(device))
-        self.tensors = tuple(t.to(self.device) for t in tensors)
+        self.device: torch.device = canonical(torch.device(device))
+        self.tensors: tuple[Tensor, ...] = tuple(t.to(self.device) for t in tensors)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.generator = generator
@@ -412,7 +459,7 @@ class LoaderOptions(TypedDict, total=False):
 
 def get_data(
     train_ds: Dataset[T], valid_ds: Dataset[T], bs: int, **loader_kwargs: Unpack[LoaderOptions]
-) -> tuple[DataLoader[T], DataLoader[T]]:
+) -> tuple[Loader[Any], Loader[Any]]:
     """Build the tutorial's loaders: shuffled training batches of `bs`, validation of `2 * bs`.
 
     Under a process group (`trainkit.distributed.init()`), the training loader draws from a
@@ -429,7 +476,9 @@ def get_data(
             `pin_memory`, ...).
 
     Returns:
-        `(train_dl, valid_dl)`.
+        `(train_dl, valid_dl)`: two `DataLoader`s, typed as `Loader` so that the tutorial's
+        `train_dl = WrappedDataLoader(train_dl, preprocess)` type-checks (narrow with
+        `isinstance(train_dl, DataLoader)` for `batch_size` and the other attributes).
 
     Raises:
         ValueError: `bs` is not a positive integer.

@@ -13,7 +13,7 @@ import stat
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import rgb_to_grayscale
+from typing_extensions import TypeVar  # a TypeVar with a default (typing has it from 3.13)
 
 __all__ = [
     "DEBIAN_FASHION_MNIST",
@@ -194,7 +195,13 @@ class DatasetError(ValueError):
         return type(self), (str(self), self.problems)
 
 
-class CustomImageDataset(Dataset[tuple[Any, Any]]):
+ImageT = TypeVar("ImageT", default=Tensor)
+"""What `CustomImageDataset[i]` gives as the image: a `uint8` tensor, or `transform`'s result."""
+TargetT = TypeVar("TargetT", default=int)
+"""What `CustomImageDataset[i]` gives as the label: an `int`, or `target_transform`'s result."""
+
+
+class CustomImageDataset(Dataset[tuple[ImageT, TargetT]], Generic[ImageT, TargetT]):
     """Images listed in a CSV file of `path,label` rows: the tutorial's `CustomImageDataset`.
 
     The positional arguments are the tutorial's. The CSV is read with the standard library:
@@ -290,8 +297,8 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
         self,
         annotations_file: str | os.PathLike[str],
         img_dir: str | os.PathLike[str],
-        transform: Callable[[Tensor], Any] | None = None,
-        target_transform: Callable[[int], Any] | None = None,
+        transform: Callable[[Tensor], ImageT] | None = None,
+        target_transform: Callable[[int], TargetT] | None = None,
         *,
         mode: ImageMode = "unchanged",
         classes: Sequence[str] | None = None,
@@ -317,8 +324,8 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
                 raise ValueError(
                     f"CustomImageDataset(max_pixels=...): expected at least 1, got {max_pixels}"
                 )
-        self.annotations_file = Path(annotations_file)
-        self.img_dir = Path(img_dir)
+        self.annotations_file: Path = Path(annotations_file)
+        self.img_dir: Path = Path(img_dir)
         self.transform = transform
         self.target_transform = target_transform
         self.mode: ImageMode = mode
@@ -327,6 +334,7 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
 
         rows = _read_csv(self.annotations_file)
         first = rows[0][1]
+        self.header: bool
         self.header = _is_header(rows, classes, self.annotations_file) if header is None else header
         if self.header:
             rows = rows[1:]
@@ -355,6 +363,8 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
                 )
             else:
                 parsed.append((line, path, cells[1]))
+        self.classes: list[str] | None
+        self.class_to_idx: dict[str, int] | None
         self.classes, self.class_to_idx, targets = _labels(parsed, classes, problems)
         if problems:
             raise _collected(
@@ -370,7 +380,7 @@ class CustomImageDataset(Dataset[tuple[Any, Any]]):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, idx: int) -> tuple[Any, Any]:
+    def __getitem__(self, idx: int) -> tuple[ImageT, TargetT]:
         image: Any = self._read_image(idx)
         label: Any = self.samples[idx][1]
         if self.transform is not None:

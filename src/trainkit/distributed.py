@@ -132,12 +132,12 @@ class ShardSampler(Sampler[int]):
         num_replicas: int | None = None,
         rank: int | None = None,
     ) -> None:
-        self.num_replicas = world_size() if num_replicas is None else num_replicas
-        self.rank = _this_rank() if rank is None else rank
+        self.num_replicas: int = world_size() if num_replicas is None else num_replicas
+        self.rank: int = _this_rank() if rank is None else rank
         if not 0 <= self.rank < self.num_replicas:
             raise ValueError(f"ShardSampler: rank {self.rank} not in [0, {self.num_replicas})")
         assert isinstance(dataset, Sized)
-        self.length = len(dataset)
+        self.length: int = len(dataset)
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.length, self.num_replicas))

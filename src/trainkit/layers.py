@@ -42,9 +42,11 @@ class Lambda(nn.Module):
         self.func = func
 
     def forward(self, x: Tensor) -> Tensor:
+        """Return `func(x)`."""
         return self.func(x)
 
     def extra_repr(self) -> str:
+        """The function's qualified name (a lambda's file and line), shown in the model's repr."""
         return _describe(self.func)
 
     def __getstate__(self) -> dict[str, Any]:

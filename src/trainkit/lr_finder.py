@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from trainkit._batch import canonical, check_loss, model_device, move_to, pair
 from trainkit.checkpoint import rng_state, set_rng_state
+from trainkit.loop import LossFn
 
 __all__ = ["LRFinderResult", "lr_find"]
 
@@ -41,7 +42,7 @@ class LRFinderResult:
 
 def lr_find(
     model: nn.Module,
-    loss_func: Any,
+    loss_func: LossFn,
     opt: Optimizer,
     train_dl: Iterable[Any],
     *,

@@ -8,20 +8,60 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-if TYPE_CHECKING:  # matplotlib is optional (`trainkit[plot]`); only History.plot imports it
+if TYPE_CHECKING:
+    # matplotlib is optional (`trainkit[plot]`); only History.plot imports it at run time
     from matplotlib.figure import Figure
 
-__all__ = ["EvalState", "History", "Status", "TrainState"]
+    # these modules import this one: their names are for type checkers only
+    from trainkit.callbacks.base import Callback
+    from trainkit.loop import LossFn, Scheduler
+    from trainkit.metrics.base import Mean
+
+__all__ = ["EvalState", "History", "HistoryFigure", "Status", "TrainState"]
 
 Status = Literal["running", "completed", "stopped", "failed"]
 """How a run stands: `"running"` during `fit`; in `on_fit_end`, `"completed"` (every epoch ran),
 `"stopped"` (a hook raised `StopTraining`) or `"failed"` (an exception propagates)."""
+
+
+class HistoryFigure(Protocol):
+    """What `History.plot` returns: a matplotlib `Figure`, typed without matplotlib.
+
+    matplotlib is an optional dependency (`trainkit[plot]`), so `History.plot` cannot name its
+    `Figure` class in a type an editor can always resolve: without matplotlib it would be
+    unknown. This protocol names the parts of the figure used most, so they type-check
+    everywhere (`History.plot(path)` writes the PNG itself). For the rest of the `Figure` API
+    (`savefig` options, `add_subplot`, ...), narrow it:
+    `assert isinstance(fig, matplotlib.figure.Figure)`.
+
+    Example:
+        >>> fig = History([{"epoch": 1, "train_loss": 0.9}]).plot()
+        >>> fig.savefig("history.svg")  # doctest: +SKIP
+        >>> fig.get_suptitle(), [ax.get_title() for ax in fig.axes]
+        ('Training history (1 epochs)', ['loss'])
+        >>> from matplotlib.figure import Figure
+        >>> isinstance(fig, Figure)
+        True
+    """
+
+    @property
+    def axes(self) -> list[Any]:
+        """The figure's panels (matplotlib `Axes`), in order."""
+        ...
+
+    def get_suptitle(self) -> str:
+        """The figure's title."""
+        ...
+
+    def savefig(self, fname: str | os.PathLike[str], /) -> None:
+        """Write the figure to `fname`, in the format its suffix names (`.png`, `.svg`, ...)."""
+        ...
 
 
 class History:
@@ -154,7 +194,7 @@ class History:
 
     def plot(
         self, path: str | os.PathLike[str] | None = None, *, title: str | None = None
-    ) -> Figure:
+    ) -> HistoryFigure:
         """Draw the loss and metric curves per epoch; save them as a PNG when `path` is given.
 
         One panel per figure: `loss` first, then each metric in the order recorded. Training
@@ -173,8 +213,8 @@ class History:
             title: The figure's title; by default `"Training history (N epochs)"`.
 
         Returns:
-            The matplotlib `Figure`, 5.5 x 4 inches per panel at 100 dpi (550 x 400 pixels),
-            up to three panels per row.
+            The matplotlib `Figure` (typed as `HistoryFigure`), 5.5 x 4 inches per panel at
+            100 dpi (550 x 400 pixels), up to three panels per row.
 
         Raises:
             ImportError: matplotlib is not installed (the message says how to install it).
@@ -326,41 +366,7 @@ class TrainState:
     other callbacks' hooks of the same event still run, then the run stops (as Keras'
     `model.stop_training` and Lightning's `trainer.should_stop`).
 
-    Attributes:
-        model, loss_func, opt, train_dl, valid_dl: The arguments of `fit`.
-        epochs: Number of epochs asked for.
-        device: Where the model is and where batches are moved.
-        epoch: Index of the current epoch, counted from 0 (for code: `range(epochs)`); the
-            epoch's number, shown in the bar, History, logs and file names, is `epoch + 1`.
-        step: Index of the current batch within the epoch.
-        global_step: Optimizer steps taken since the start of the run.
-        xb, yb: The current batch, on `device`.
-        output: The model's output for the current batch.
-        loss: The current batch's loss, detached. Reading its value (`float(state.loss)`)
-            waits for the device, so do it rarely.
-        metrics: The last recorded epoch's figures (`train_loss`, `val_loss`, `val_accuracy`, ...).
-        history: The records so far.
-        status: `"running"`, then `"completed"`, `"stopped"` or `"failed"` in `on_fit_end`.
-        stop_reason: Why the run stops or stopped (the `StopTraining` messages or `stop`
-            reasons, joined by "; "), if any.
-        should_stop: A stop was requested; the run stops once the current event's hooks ran.
-        recorded_names: The names every epoch's History record will hold, known before the
-            first step: `epoch`, `train_loss`, then with validation data `val_loss` and
-            `val_<metric>` per metric, then `lr`, `seconds`. `PerClassAccuracy` and
-            `ConfusionMatrix`, whose results go to `History.tensors`, are left out (a metric
-            of yours with a multi-element result cannot be told apart before it is computed:
-            it is listed, and monitoring it fails at the epoch's end). A callback that adds a
-            figure of its own extends it in `on_fit_start`. `None` for a state built outside
-            `fit`.
-        exception: The exception that failed the run, if any.
-        scheduler: The learning-rate scheduler of `fit(scheduler=...)`, if any.
-        scaler: The `GradScaler` of `fit(amp="fp16")`, if any.
-        callbacks: Every callback of the run (the built-in ones too), in firing order.
-        batches_done: Training batches completed in the current epoch.
-        epoch_rng: Random-number-generator states just before the epoch's data order was drawn
-            (what an exact mid-epoch resume replays).
-        train_loss: The current epoch's running training loss (a `Mean`).
-        interrupted: Ctrl-C was pressed; the run stops at the end of the current step.
+    Each field below says what it holds (your editor shows it when you hover `state.xb`).
 
     Example:
         >>> class LogEveryHundred(Callback):  # doctest: +SKIP
@@ -370,33 +376,71 @@ class TrainState:
     """
 
     model: nn.Module
-    loss_func: Callable[[Any, Any], Tensor]
+    """The model of `fit`."""
+    loss_func: LossFn
+    """The loss function of `fit`: `loss_func(output, yb)` gives the batch's loss."""
     opt: Optimizer
+    """The optimizer of `fit`."""
     train_dl: Iterable[Any]
+    """The training loader of `fit`."""
     valid_dl: Iterable[Any] | None
+    """The validation loader of `fit`, or `None`."""
     epochs: int
+    """Number of epochs asked for."""
     device: torch.device
+    """Where the model is and where batches are moved."""
     epoch: int = 0
+    """Index of the current epoch, counted from 0 (for code: `range(epochs)`); the epoch's
+    number, shown in the bar, History, logs and file names, is `epoch + 1`."""
     step: int = 0
+    """Index of the current batch within the epoch."""
     global_step: int = 0
+    """Optimizer steps taken since the start of the run."""
     xb: Any = None
+    """The current batch's input, on `device` (what the loader yields, so of any type)."""
     yb: Any = None
+    """The current batch's target, on `device`."""
     output: Any = None
+    """The model's output for the current batch."""
     loss: Tensor | None = None
+    """The current batch's loss, detached. Reading its value (`float(state.loss)`) waits for the
+    device, so do it rarely."""
     metrics: dict[str, float] = field(default_factory=dict)
+    """The last recorded epoch's figures (`train_loss`, `val_loss`, `val_accuracy`, ...)."""
     history: History = field(default_factory=History)
+    """The records so far."""
     status: Status = "running"
+    """`"running"`, then `"completed"`, `"stopped"` or `"failed"` in `on_fit_end`."""
     stop_reason: str | None = None
+    """Why the run stops or stopped (the `StopTraining` messages or `stop` reasons, joined by
+    "; "), if any."""
     exception: BaseException | None = None
-    scheduler: Any = None
+    """The exception that failed the run, if any."""
+    scheduler: Scheduler | None = None
+    """The learning-rate scheduler of `fit(scheduler=...)`, if any."""
     scaler: torch.amp.GradScaler | None = None
-    callbacks: list[Any] = field(default_factory=list)
+    """The `GradScaler` of `fit(amp="fp16")`, if any."""
+    callbacks: list[Callback] = field(default_factory=list)
+    """Every callback of the run (the built-in ones too), in firing order."""
     batches_done: int = 0
+    """Training batches completed in the current epoch."""
     epoch_rng: dict[str, Any] | None = None
-    train_loss: Any = None
+    """Random-number-generator states just before the epoch's data order was drawn (what an
+    exact mid-epoch resume replays)."""
+    train_loss: Mean | None = None
+    """The current epoch's running training loss (a `Mean`; `None` before the first epoch)."""
     interrupted: bool = False
+    """Ctrl-C was pressed; the run stops at the end of the current step."""
     should_stop: bool = False
+    """A stop was requested; the run stops once the current event's hooks ran."""
     recorded_names: tuple[str, ...] | None = None
+    """The names every epoch's History record will hold, known before the first step: `epoch`,
+    `train_loss`, then with validation data `val_loss` and `val_<metric>` per metric, then
+    `lr`, `seconds`. `PerClassAccuracy` and `ConfusionMatrix`, whose results go to
+    `History.tensors`, are left out (a metric of yours with a multi-element result cannot be
+    told apart before it is computed: it is listed, and monitoring it fails at the epoch's
+    end). A callback that adds a figure of its own extends it in `on_fit_start`. `None` for a
+    state built outside `fit`."""
 
     def stop(self, reason: str) -> None:
         """Ask the run to stop once every callback's hook of the current event has run.

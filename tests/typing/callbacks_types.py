@@ -18,6 +18,7 @@ from trainkit import (
     EarlyStopping,
     EvalState,
     History,
+    HistoryFigure,
     ProgressBar,
     Status,
     StopTraining,
@@ -91,9 +92,14 @@ plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max")
 fit(1, model, F.cross_entropy, opt, dl, dl, scheduler=plateau, scheduler_monitor="val_loss")
 assert_type(evaluate(model, F.cross_entropy, dl, callbacks=callbacks), dict[str, float])
 assert_type(predict(model, dl, callbacks=callbacks), Tensor)
-assert_type(history.plot(), Figure)
-assert_type(history.plot("runs/history.png", title="run"), Figure)
-assert_type(history.plot(Path("runs/history.png")), Figure)
+assert_type(history.plot(), HistoryFigure)
+assert_type(history.plot("runs/history.png", title="run"), HistoryFigure)
+assert_type(history.plot(Path("runs/history.png")), HistoryFigure)
+assert_type(history.plot().get_suptitle(), str)
+history.plot().savefig(Path("runs/history.svg"))
+figure = history.plot()
+assert isinstance(figure, Figure)  # the rest of matplotlib's API, by narrowing
+assert_type(figure, Figure)
 assert_type(history.keys(), list[str])
 assert_type(show_training_loop(callbacks), str)
 assert_type(HOOKS, tuple[str, ...])

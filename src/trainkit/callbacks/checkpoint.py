@@ -160,10 +160,14 @@ class ModelCheckpoint(Callback):
             )
         if filename is None:
             filename = "{epoch}" if monitor is None else "{epoch}-{" + monitor + ":.4f}"
-        self.dirpath = Path(dirpath)
-        self.monitor, self.mode = monitor, mode
-        self.save_top_k, self.save_last, self.every_n_steps = save_top_k, save_last, every_n_steps
-        self.every_n_epochs, self.filename = every_n_epochs, filename
+        self.dirpath: Path = Path(dirpath)
+        self.monitor: str | None = monitor
+        self.mode: Literal["min", "max"] = mode
+        self.save_top_k: int = save_top_k
+        self.save_last: bool = save_last
+        self.every_n_steps: int | None = every_n_steps
+        self.every_n_epochs: int = every_n_epochs
+        self.filename: str = filename
         self.save_weights_only = save_weights_only
         self._template = _parse_template(filename, monitor)
         self.best: list[tuple[float, str]] = []  # (score, file name): best first, ties newer first
@@ -211,6 +215,7 @@ class ModelCheckpoint(Callback):
         return name + (".safetensors" if self.save_weights_only else ".ckpt")
 
     def on_fit_start(self, state: TrainState) -> None:
+        """Refuse a `monitor` or file-name field the run will not record; create, lock `dirpath`."""
         # every rank refuses a name the run will not record, before anything is written
         if self.save_top_k:  # (with save_top_k=0 neither the monitor nor the template is used)
             if self.monitor is not None:
@@ -240,12 +245,14 @@ class ModelCheckpoint(Callback):
         self._steps_seen = state.global_step
 
     def on_train_batch_end(self, state: TrainState) -> None:
+        """Save the last checkpoint every `every_n_steps` optimizer steps, when asked to."""
         stepped = state.global_step != self._steps_seen
         self._steps_seen, self._at_step_boundary = state.global_step, stepped
         if stepped and self.every_n_steps and state.global_step % self.every_n_steps == 0:
             self._write(self.last_path, state, epoch_complete=False)
 
     def on_epoch_end(self, state: TrainState) -> None:
+        """Save the last checkpoint, and keep the epoch among the best `save_top_k` by `monitor`."""
         number = state.epoch + 1
         due = number % self.every_n_epochs == 0
         if due and self.monitor is not None and self.save_top_k:
@@ -262,6 +269,7 @@ class ModelCheckpoint(Callback):
             self._write(self.last_path, state, epoch_complete=True)
 
     def on_exception(self, state: TrainState, exc: BaseException) -> None:
+        """On Ctrl-C at a step boundary, save the last checkpoint, so the run can resume there."""
         if not (
             isinstance(exc, KeyboardInterrupt) and self._at_step_boundary and state.batches_done
         ):
@@ -270,6 +278,7 @@ class ModelCheckpoint(Callback):
             print(f"interrupted: saved {self.last_path}", file=sys.stderr, flush=True)
 
     def on_fit_end(self, state: TrainState) -> None:
+        """Release the lock on `dirpath`."""
         if self._lock.held:
             self._lock.release()
             self._remove_created()
@@ -330,6 +339,7 @@ class ModelCheckpoint(Callback):
         self._created = []
 
     def state_dict(self) -> dict[str, Any]:
+        """The best files kept so far, with their scores, for checkpoints."""
         return {"best": [[score, name] for score, name in self.best]}
 
     def load_state_dict(self, state_dict: dict[str, Any], /) -> None:

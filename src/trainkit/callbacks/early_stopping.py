@@ -107,7 +107,10 @@ class EarlyStopping(Callback):
             raise ValueError(
                 f"EarlyStopping(baseline=...): expected None or a finite number, got {baseline!r}"
             )
-        self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, min_delta
+        self.monitor: str = monitor
+        self.mode: Literal["min", "max"] = mode
+        self.patience: int = patience
+        self.min_delta: float = min_delta
         self.restore_best_weights = restore_best_weights
         self.start_from_epoch = start_from_epoch
         self.baseline = baseline
@@ -117,15 +120,18 @@ class EarlyStopping(Callback):
     def _reset(self) -> None:
         self.best: float | None = None
         self.best_epoch: int | None = None
-        self.wait = 0
+        self.wait: int = 0
         self.stopped_epoch: int | None = None
         self.best_weights: dict[str, Tensor] | None = None
 
     def on_fit_start(self, state: TrainState) -> None:
+        """Refuse a `monitor` the run will not record, and start counting afresh."""
         state.check_monitor(self.monitor, "EarlyStopping(monitor=...)")
         self._reset()
 
     def on_epoch_end(self, state: TrainState) -> None:
+        """Compare the monitored figure with the best so far; stop the run after `patience` epochs
+        without improvement."""
         if self.monitor not in state.metrics:
             raise KeyError(
                 f"EarlyStopping monitors {self.monitor!r}; this run records {sorted(state.metrics)}"
@@ -159,6 +165,8 @@ class EarlyStopping(Callback):
             )
 
     def on_fit_end(self, state: TrainState) -> None:
+        """With `restore_best_weights`, load the best epoch's weights into the model (unless the run
+        failed)."""
         # a failing run is left as it failed
         ok = state.status in ("completed", "stopped")
         if self.restore_best_weights and self.best_weights is not None and ok:
@@ -173,6 +181,7 @@ class EarlyStopping(Callback):
         return value - self.min_delta > reference
 
     def state_dict(self) -> dict[str, Any]:
+        """The best figure and epoch, the epochs waited and the best weights, for checkpoints."""
         return {
             "best": self.best,
             "best_epoch": self.best_epoch,
@@ -182,6 +191,7 @@ class EarlyStopping(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any], /) -> None:
+        """Restore what `state_dict` returned, so a resumed run stops where the whole run would."""
         self.best = state_dict["best"]
         self.best_epoch = state_dict["best_epoch"]
         self.wait = state_dict["wait"]

@@ -62,13 +62,14 @@ class CSVLogger(Callback):
     order = -5
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        self.path: Path = Path(path)
         self._active = False
         self._started = False  # this run has written its first row
         self._fields: list[str] = []
         self._rows: list[dict[str, str]] = []
 
     def on_fit_start(self, state: TrainState) -> None:
+        """Check, on the main process only, that the CSV file can be written; write nothing yet."""
         self._active, self._started = is_main_process(), False
         if not self._active:
             return
@@ -78,6 +79,7 @@ class CSVLogger(Callback):
         _check_can_create(self.path.parent, "CSVLogger(path=...) cannot write the log")
 
     def on_epoch_end(self, state: TrainState) -> None:
+        """Append the epoch's History record as a row (the header row first, in a new file)."""
         if not self._active:
             return
         record = state.history[-1]
@@ -206,16 +208,18 @@ class TensorBoardLogger(Callback):
 
     def __init__(self, log_dir: str | os.PathLike[str]) -> None:
         _require_tensorboard()
-        self.log_dir = Path(log_dir)
+        self.log_dir: Path = Path(log_dir)
         self._active = False
         self._writer: SummaryWriter | None = None
 
     def on_fit_start(self, state: TrainState) -> None:
+        """Check, on the main process only, that `log_dir` can be created."""
         self._active = is_main_process()
         if self._active:
             _check_can_create(self.log_dir, _CANNOT_CREATE)
 
     def on_epoch_end(self, state: TrainState) -> None:
+        """Write the epoch's figures as scalars, at the epoch's number."""
         if not self._active:
             return
         record = state.history[-1]
@@ -228,6 +232,7 @@ class TensorBoardLogger(Callback):
         self._writer.flush()
 
     def on_fit_end(self, state: TrainState) -> None:
+        """Close the event file."""
         self._active = False
         if self._writer is not None:
             self._writer.close()

@@ -64,14 +64,17 @@ class TerminateOnNaN(Callback):
         self._distributed = False
 
     def on_epoch_start(self, state: TrainState) -> None:
+        """Start collecting the epoch's losses."""
         self._losses, self._first_step, self._checked_to = [], 0, 0
         self._next_check = time.perf_counter() + self.check_seconds
 
     def on_fit_start(self, state: TrainState) -> None:
+        """Note whether a process group runs (then checks happen only at epoch ends)."""
         # under a process group, check only where every rank is (the epoch end), all together
         self._distributed = is_distributed()
 
     def on_train_batch_end(self, state: TrainState) -> None:
+        """Keep the step's loss on the device; check the kept losses every `check_seconds`."""
         if state.loss is None:
             return
         if not self._losses:
@@ -83,6 +86,7 @@ class TerminateOnNaN(Callback):
             self._check(state)
 
     def on_train_epoch_end(self, state: TrainState) -> None:
+        """Check the epoch's remaining losses and the weights before validation."""
         self._check(state)
 
     def _check(self, state: TrainState) -> None:

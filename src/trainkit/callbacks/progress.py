@@ -82,6 +82,7 @@ class ProgressBar(Callback):
         self._epoch_started = 0.0
 
     def on_fit_start(self, state: TrainState) -> None:
+        """Choose a bar (terminal or notebook) or plain lines; only the main process prints."""
         self._silent = not is_main_process()  # under a process group only rank 0 prints
         notebook = _in_notebook()
         self._use_bar = not self._silent and (self.force_bar or sys.stderr.isatty() or notebook)
@@ -90,6 +91,7 @@ class ProgressBar(Callback):
         self._leave = widgets  # a notebook keeps each epoch's (green) bar; a terminal does not
 
     def on_epoch_start(self, state: TrainState) -> None:
+        """Open the epoch's bar."""
         now = time.perf_counter()
         self._epoch_started = now
         self._loss = ""
@@ -107,6 +109,7 @@ class ProgressBar(Callback):
             self._next_line = now + self.log_seconds
 
     def on_train_batch_end(self, state: TrainState) -> None:
+        """Advance the bar, showing the loss at most every `refresh_seconds` (reading it syncs)."""
         if self._bar is not None:
             now = time.perf_counter()
             if now >= self._next_refresh:
@@ -122,6 +125,7 @@ class ProgressBar(Callback):
             self._line(state, f"train {state.batches_done}/{total}{loss}")
 
     def on_validation_batch_end(self, state: TrainState) -> None:
+        """Show the validation progress."""
         done, total = state.step + 1, _length(state.valid_dl)
         if self._bar is not None:
             if state.step == 0:
@@ -134,6 +138,7 @@ class ProgressBar(Callback):
             self._line(state, f"validation {done}/{total}")
 
     def on_epoch_end(self, state: TrainState) -> None:
+        """Finish the epoch's bar and print the epoch's figures."""
         if self._bar is not None:
             self._count(state.batches_done)
             if state.valid_dl is not None:
@@ -145,6 +150,7 @@ class ProgressBar(Callback):
             print(_epoch_line(state), file=self.file or sys.stdout, flush=True)
 
     def on_fit_end(self, state: TrainState) -> None:
+        """Close the bar; say why when the run was stopped."""
         if self._bar is not None:  # cut short by a stop or an error: tqdm marks it unfinished
             self._count(state.batches_done)  # (red in a notebook) where it stopped
         self._close()

@@ -193,6 +193,14 @@ class Counted:
 
     owner = "metric"
     fold_every = 64
+    updates: int
+    pending_positions: int
+    seen: Tensor
+    counted: Tensor
+    bad_targets: Tensor
+    nan_rows: Tensor
+    bad_rows: Tensor
+    bad_scores: Tensor
 
     def reset_counts(self) -> None:
         """Zero the shared counts and forget pending batches."""

@@ -92,7 +92,7 @@ class Mean:
         self._values: list[Tensor] = []
         self._weights: list[float] = []
         self.total: Tensor | None = None
-        self.count = 0.0
+        self.count: float = 0.0
 
     def update(self, value: Tensor, weight: float = 1) -> None:
         """Add `value` (a 0-dim tensor) with `weight`; a 1-dim tensor adds its mean, weighted
@@ -155,15 +155,18 @@ class BatchMean:
 
     def __init__(self, fn: BatchMetric) -> None:
         self.fn = fn
-        self.mean = Mean()
+        self.mean: Mean = Mean()
 
     def reset(self) -> None:
+        """Forget the batches seen so far."""
         self.mean.reset()
 
     def update(self, preds: Tensor, target: Tensor) -> None:
+        """Add the batch's value of the function, weighted by the batch size."""
         self.mean.update(self.fn(preds, target), len(target))
 
     def compute(self) -> Tensor:
+        """The batch-size-weighted mean over the batches seen."""
         value = self.mean.compute()
         fn = self.fn.func if isinstance(self.fn, functools.partial) else self.fn
         # our batch functions give NaN for bad values (they cannot raise without a read-back);
@@ -177,6 +180,7 @@ class BatchMean:
         return value
 
     def sync(self) -> None:
+        """Sum the running mean's state over all processes (no-op without a process group)."""
         self.mean.sync()
 
 

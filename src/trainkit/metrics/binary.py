@@ -32,6 +32,17 @@ Average = Literal["micro", "macro", "none"]
 class _Thresholded(Counted):
     """Streaming counts of thresholded scores against 0/1 targets, per label."""
 
+    # the shared counts of `Counted`, updated here too (declared again for type checkers, which
+    # otherwise infer each subclass's own type for them)
+    updates: int
+    pending_positions: int
+    seen: Tensor
+    counted: Tensor
+    bad_targets: Tensor
+    nan_rows: Tensor
+    bad_rows: Tensor
+    bad_scores: Tensor
+
     def __init__(
         self,
         num_labels: int | None,
@@ -50,9 +61,9 @@ class _Thresholded(Counted):
                 f"{self.owner}(from_logits=...): expected True, False or None, got {from_logits!r}"
             )
         self.num_labels = num_labels
-        self.threshold = float(threshold)
+        self.threshold: float = float(threshold)
         self.from_logits = from_logits
-        self.ignore_index = check_ignore_index(ignore_index, self.owner)
+        self.ignore_index: int | None = check_ignore_index(ignore_index, self.owner)
         self.reset()
 
     def reset(self) -> None:
@@ -60,8 +71,8 @@ class _Thresholded(Counted):
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self.reset_counts()
         labels = self.num_labels or 1
-        self.correct = torch.zeros(labels, dtype=torch.long)
-        self.total = torch.zeros(labels, dtype=torch.long)
+        self.correct: Tensor = torch.zeros(labels, dtype=torch.long)
+        self.total: Tensor = torch.zeros(labels, dtype=torch.long)
 
     def _columns(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

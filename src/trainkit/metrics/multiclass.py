@@ -139,9 +139,20 @@ class _Classification(Counted):
     checks run per fold, on the device, and are reported by `compute()`.
     """
 
+    # the shared counts of `Counted`, updated here too (declared again for type checkers, which
+    # otherwise infer each subclass's own type for them)
+    updates: int
+    pending_positions: int
+    seen: Tensor
+    counted: Tensor
+    bad_targets: Tensor
+    nan_rows: Tensor
+    bad_rows: Tensor
+    bad_scores: Tensor
+
     def __init__(self, num_classes: int | None, ignore_index: int | None) -> None:
         self.num_classes = num_classes
-        self.ignore_index = check_ignore_index(ignore_index, self.owner)
+        self.ignore_index: int | None = check_ignore_index(ignore_index, self.owner)
         self.reset()
 
     def reset(self) -> None:
@@ -269,12 +280,12 @@ class Accuracy(_Classification):
     owner = "Accuracy"
 
     def __init__(self, top_k: int = 1, *, ignore_index: int | None = None) -> None:
-        self.top_k = check_int(top_k, "Accuracy", "top_k", 1)
-        self.name = "accuracy" if top_k == 1 else f"top{top_k}_accuracy"
+        self.top_k: int = check_int(top_k, "Accuracy", "top_k", 1)
+        self.name: str = "accuracy" if top_k == 1 else f"top{top_k}_accuracy"
         super().__init__(None, ignore_index)
 
     def _init_counts(self) -> None:
-        self.correct = torch.zeros((), dtype=torch.long)
+        self.correct: Tensor = torch.zeros((), dtype=torch.long)
 
     def _counts(self) -> list[Tensor]:
         return [self.correct]
@@ -345,13 +356,13 @@ class PerClassAccuracy(_Classification):
                 f"PerClassAccuracy(class_names=...): {len(class_names)} names for "
                 f"{num_classes} classes"
             )
-        self.class_names = list(class_names) if class_names is not None else None
+        self.class_names: list[str] | None = list(class_names) if class_names is not None else None
         super().__init__(num_classes, ignore_index)
 
     def _init_counts(self) -> None:
         assert self.num_classes is not None
-        self.correct = torch.zeros(self.num_classes, dtype=torch.long)
-        self.total = torch.zeros(self.num_classes, dtype=torch.long)
+        self.correct: Tensor = torch.zeros(self.num_classes, dtype=torch.long)
+        self.total: Tensor = torch.zeros(self.num_classes, dtype=torch.long)
 
     def _counts(self) -> list[Tensor]:
         return [self.correct, self.total]
@@ -419,7 +430,7 @@ class ConfusionMatrix(_Classification):
 
     def _init_counts(self) -> None:
         assert self.num_classes is not None
-        self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
+        self.matrix: Tensor = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long)
 
     def _counts(self) -> list[Tensor]:
         return [self.matrix]
