@@ -64,7 +64,8 @@ def test_compiled_training_matches_eager_within_the_tolerance(
     monkeypatch.setattr(torch, "compile", recording)
     eager, eager_loss = train(make, shape, compile=False)
     compiled, compiled_loss = train(make, shape, compile=True)
-    assert compiled_what == ["Sequential", "step"]  # the model, and opt.step in a function
+    # forward and loss in one function, the model for validation, and opt.step in a function
+    assert compiled_what == ["eager_forward_loss", "Sequential", "step"]
     for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=RTOL, atol=ATOL)
     assert compiled_loss == pytest.approx(eager_loss, rel=RTOL, abs=ATOL)
@@ -87,7 +88,9 @@ def test_with_a_float_learning_rate_scheduler_the_step_stays_eager(
     scheduler = optim.lr_scheduler.StepLR(opt, step_size=1)
     fit(1, model, F.cross_entropy, opt, loaders((16,))[0], scheduler=scheduler, compile=True,
         progress=False)  # fmt: skip
-    assert compiled_what == [model]  # each new float lr would compile the step again
+    # forward and loss, and the model for validation; each new float lr would compile the step
+    # again, so it is not compiled
+    assert len(compiled_what) == 2 and compiled_what[1] is model
 
 
 def failing_compile(fn: Any, **kwargs: Any) -> Callable[..., Any]:
@@ -110,10 +113,15 @@ def test_a_step_that_fails_to_compile_runs_eagerly_with_a_warning(
     with pytest.warns(UserWarning) as warned:
         fallback, fallback_loss = train(mlp, (16,), compile=True)
     messages = [str(w.message) for w in warned]
-    assert any(m.startswith("fit(compile=True): the model runs eagerly") for m in messages)
+    assert any(
+        m.startswith("fit(compile=True): the forward pass with the loss runs eagerly")
+        for m in messages
+    )
     assert any(m.startswith("fit(compile=True): the optimizer step runs eagerly") for m in messages)
     assert all("no C++ compiler" in m for m in messages if m.startswith("fit(compile"))
-    assert len([m for m in messages if m.startswith("fit(compile")]) == 2  # once each, not per step
+    assert any(m.startswith("fit(compile=True): the model in validation runs") for m in messages)
+    # once each (training forward and loss, validation, optimizer step), not per step
+    assert len([m for m in messages if m.startswith("fit(compile")]) == 3
     for a, b in zip(eager.parameters(), fallback.parameters(), strict=True):
         assert torch.equal(a, b)  # eager after all: each step ran once, exactly as eager
     assert fallback_loss == eager_loss

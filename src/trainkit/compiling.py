@@ -1,12 +1,12 @@
 """`fit(compile=True)`: the training step through `torch.compile`, or eager with a warning.
 
-The step is compiled as PyTorch's recipes do it: the model with `torch.compile` (TorchDynamo
-captures the forward, AOTAutograd derives its backward, and Inductor compiles both), and
-`opt.step()` inside a function given to `torch.compile` (the "compiled optimizer" recipe).
-The loss function runs eagerly between the two, so callbacks see the model's output and the
-loss as they do without compiling. Compiling happens at the first call; where it fails
-(no C++ compiler, an unsupported platform or Python), that part runs eagerly from then on,
-after a warning that says why.
+The step is compiled as PyTorch's recipes do it: the forward pass and the loss as one function
+given to `torch.compile` (TorchDynamo captures them, AOTAutograd derives their backward, and
+Inductor compiles both), and `opt.step()` inside a function given to `torch.compile` (the
+"compiled optimizer" recipe). Validation runs the model compiled on its own. Callbacks see
+the model's output and the loss as they do without compiling. Compiling happens at the first
+call; where it fails (no C++ compiler, an unsupported platform or Python), that part runs
+eagerly from then on, after a warning that says why.
 """
 
 from __future__ import annotations
@@ -65,15 +65,20 @@ class FirstCallFallback:
 
 
 def compile_step(
-    forward: Callable[[Any], Any], opt: Optimizer, has_scheduler: bool
-) -> tuple[Callable[[Any], Any], Callable[[], object]]:
-    """`forward` (the model, or its DDP wrapper) and `opt.step`, each through `torch.compile`.
+    forward_loss: Callable[[Any, Any], tuple[Any, Any]],
+    evaluate_forward: Callable[[Any], Any],
+    opt: Optimizer,
+    has_scheduler: bool,
+) -> tuple[Callable[[Any, Any], tuple[Any, Any]], Callable[[Any], Any], Callable[[], object]]:
+    """The training step's parts through `torch.compile`: `forward_loss` (the model, or its DDP
+    wrapper, and the loss: one graph, whose backward AOTAutograd derives), `evaluate_forward`
+    (the model for validation) and `opt.step`.
 
     The optimizer step is compiled as in PyTorch's compiled-optimizer recipe (`opt.step()` in
     a function given to `torch.compile`). A learning rate that is a Python float is a constant
     of the compiled step: every new value would compile it again (after 8, torch gives up on
     its own), so with a scheduler the step is compiled only when every group's `lr` is a
-    tensor. Where `torch.compile` refuses at once (this Python or platform), both stay eager,
+    tensor. Where `torch.compile` refuses at once (this Python or platform), all stay eager,
     with one warning.
     """
 
@@ -82,13 +87,15 @@ def compile_step(
 
     compile_opt = not has_scheduler or all(isinstance(g["lr"], Tensor) for g in opt.param_groups)
     try:
-        compiled_forward = torch.compile(forward)
+        compiled_train = torch.compile(forward_loss)
+        compiled_eval = torch.compile(evaluate_forward)
         compiled_step = torch.compile(step) if compile_opt else None  # graph breaks allowed
     except RuntimeError as err:  # raised at once where this Python/platform can't compile
         warnings.warn(f"fit(compile=True): running eagerly: {err}", stacklevel=4)
-        return forward, opt.step
+        return forward_loss, evaluate_forward, opt.step
     return (
-        FirstCallFallback(compiled_forward, forward, "the model"),
+        FirstCallFallback(compiled_train, forward_loss, "the forward pass with the loss"),
+        FirstCallFallback(compiled_eval, evaluate_forward, "the model in validation"),
         opt.step
         if compiled_step is None
         else FirstCallFallback(compiled_step, opt.step, "the optimizer step"),
