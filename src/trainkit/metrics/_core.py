@@ -231,6 +231,24 @@ class Counted:
                 if isinstance(value, Tensor):
                     setattr(self, name, value.to(device))
 
+    def tally(
+        self, target: Tensor, valid: Tensor, nan: Tensor, ignore_index: int | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Count a batch's positions: seen, counted (not `ignore_index`), counted targets that
+        are not `valid`, counted NaN scores. Returns `valid` restricted to the counted
+        positions, and the counted mask (`None` when every position counts)."""
+        self.seen += target.numel()
+        if ignore_index is None:
+            self.counted += target.numel()
+            self.bad_targets += target.numel() - valid.sum()
+            self.nan_rows += nan.sum()
+            return valid, None
+        counted = target != ignore_index
+        self.counted += counted.sum()
+        self.bad_targets += (counted & ~valid).sum()
+        self.nan_rows += (nan & counted).sum()
+        return valid & counted, counted
+
     def check_counts(self, valid_values: str, ignore_index: int | None) -> tuple[int, int]:
         """Read the counts back (the one sync of `compute`); raise for bad input seen.
 

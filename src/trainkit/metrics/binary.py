@@ -127,21 +127,10 @@ class _Thresholded(Counted):
         positive, negative = target == 1, target == 0
         valid = positive | negative
         nan = scores.isnan()
-        outside = (scores < 0) | (scores > 1) if self.from_logits is False else None
-        self.seen += target.numel()
-        if self.ignore_index is None:
-            self.counted += target.numel()
-            self.bad_targets += target.numel() - valid.sum()
-        else:
-            counted = target != self.ignore_index
-            self.counted += counted.sum()
-            self.bad_targets += (counted & ~valid).sum()
-            nan &= counted
-            valid &= counted
-            outside = None if outside is None else outside & counted
-        self.nan_rows += nan.sum()
-        if outside is not None:
-            self.bad_scores += outside.sum()
+        valid, counted = self.tally(target, valid, nan, self.ignore_index)
+        if self.from_logits is False:  # probabilities must lie in [0, 1]
+            outside = (scores < 0) | (scores > 1)
+            self.bad_scores += (outside if counted is None else outside & counted).sum()
         self.total += valid.sum(dim=1)
         self.correct += (valid & (predicted == positive)).sum(dim=1)
 

@@ -204,18 +204,7 @@ class _Classification(Counted):
         self.follow(labels.device)
         assert self._columns is not None
         valid = (labels >= 0) & (labels < self._columns)
-        nan = maxima.isnan()
-        self.seen += labels.numel()
-        if self.ignore_index is None:
-            self.counted += labels.numel()
-            self.bad_targets += labels.numel() - valid.sum()
-        else:
-            counted = labels != self.ignore_index
-            self.counted += counted.sum()
-            self.bad_targets += (counted & ~valid).sum()
-            nan &= counted
-            valid &= counted
-        self.nan_rows += nan.sum()
+        valid, _ = self.tally(labels, valid, maxima.isnan(), self.ignore_index)
         if bad_rows:
             self.bad_rows += torch.cat(bad_rows).sum()
         self._count(predicted, torch.where(valid, labels, 0), valid)
