@@ -36,6 +36,7 @@ from trainkit.data import (
     to_device,
 )
 from trainkit.datasets import CustomImageDataset, DatasetError, fashion_mnist
+from trainkit.distributed import Preempted
 from trainkit.layers import Lambda
 from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
 from trainkit.lr_finder import LRFinderResult, lr_find
@@ -85,6 +86,7 @@ __all__ = [
     "MultilabelAccuracy",
     "OneHot",
     "PerClassAccuracy",
+    "Preempted",
     "ProgressBar",
     "Scheduler",
     "Status",

@@ -17,7 +17,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset, Sampler
 
-__all__ = ["ShardSampler", "init", "is_distributed", "is_main_process", "rank", "world_size"]
+__all__ = [
+    "Preempted",
+    "ShardSampler",
+    "init",
+    "is_distributed",
+    "is_main_process",
+    "rank",
+    "world_size",
+]
 
 
 def init(backend: str | None = None, *, timeout_seconds: float = 300) -> bool:
@@ -61,6 +69,30 @@ def init(backend: str | None = None, *, timeout_seconds: float = 300) -> bool:
         timeout=datetime.timedelta(seconds=timeout_seconds),
     )
     return True
+
+
+class Preempted(SystemExit):
+    """`fit` was stopped by SIGTERM (or, under a process group, by SIGINT) and exits.
+
+    A `SystemExit` with status `128 + signal number` (143 for SIGTERM): uncaught, the process
+    ends with that status and no traceback, as a scheduler stopping the job expects. `fit`
+    raises it after the optimizer step every process agreed on, once `ModelCheckpoint` wrote
+    `last.ckpt` and rank 0 printed what it saved. Catch it to do more before exiting.
+
+    Attributes:
+        signum: The signal that stopped the run.
+        global_step: The optimizer steps completed (and saved) when it stopped.
+
+    Example:
+        >>> import signal
+        >>> err = Preempted(signal.SIGTERM, 120)
+        >>> err.code, err.global_step
+        (143, 120)
+    """
+
+    def __init__(self, signum: int, global_step: int) -> None:
+        super().__init__(128 + signum)
+        self.signum, self.global_step = signum, global_step
 
 
 def is_distributed() -> bool:
@@ -159,3 +191,119 @@ def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait until every process of the group got here (a no-op without a group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's `obj`, by rank, on rank 0 (`None` elsewhere); `[obj]` without a group.
+
+    A collective: every process of the group must call it at the same point.
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] | None = [None] * world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every process's `obj`, by rank, on every process (`[obj]` without a group)."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every process (`obj` itself without a group)."""
+    if not is_distributed():
+        return obj
+    box = [obj if is_main_process() else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's floating-point buffers (BatchNorm's running statistics) to every process.
+
+    Under a process group, each process updates BatchNorm's running mean and variance with its
+    own batches; broadcasting them makes every rank hold the model rank 0 validates and saves.
+    A no-op without a process group, or for a model without buffers.
+    """
+    if not is_distributed():
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if buffers:
+        flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+        dist.broadcast(flat, src=0)
+        offset = 0
+        with torch.no_grad():
+            for b in buffers:
+                b.copy_(flat[offset : offset + b.numel()].view_as(b))
+                offset += b.numel()
+
+
+class StopVote:
+    """Agree on which optimizer step every process stops after, without waiting per step.
+
+    `request(signum)` (from a signal handler) marks this process. After every optimizer step,
+    `after_step()` reads the result of the all-reduce launched after the previous step (long
+    finished: the step's gradient all-reduce came after it on the same group) and launches a
+    new one with this process's request. Every process so reads the same value after the same
+    step, and stops after it: one step after the first request reached the all-reduce. The
+    cost per step is one asynchronous all-reduce of one integer over a CPU (gloo) group; no
+    device synchronisation. Outside a process group `StopVote` is not used.
+    """
+
+    def __init__(self) -> None:
+        self.group: Any = _cpu_group()
+        self.requested = 0  # the signal number this process received, 0 for none
+        self.agreed = 0  # the signal number every process agreed to stop on, 0 while running
+        self._buffer = torch.zeros(1, dtype=torch.int32)
+        self._work: Any = None
+
+    def request(self, signum: int) -> None:
+        self.requested = max(self.requested, signum)
+
+    def after_step(self) -> bool:
+        """Called after each optimizer step on every process: whether to stop after this one."""
+        if self.agreed:
+            return True
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+            agreed = int(self._buffer[0])
+            if agreed:
+                self.agreed = agreed
+                return True
+        self._buffer[0] = self.requested
+        self._work = dist.all_reduce(
+            self._buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True
+        )
+        return False
+
+    def finish(self) -> None:
+        """Wait for the last vote (at the end of a run every process completed)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+
+_CPU_GROUPS: dict[int, Any] = {}
+
+
+def _cpu_group() -> Any:
+    """The default group under gloo; a gloo group over the same processes under nccl (created
+    once, collectively, the first time a run asks for it)."""
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    key = id(dist.group.WORLD)
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]

@@ -1,0 +1,190 @@
+"""Preemption and exact resume, in real child processes: one process, and two on gloo over
+loopback started as torchrun starts them. A real SIGTERM stops the run after an optimizer step
+every rank agreed on, last.ckpt is written, rank 0 alone says so, and the resumed run ends
+bitwise equal to an uninterrupted one: weights, optimizer and History, on every rank (dropout,
+BatchNorm, shuffling on, every rank seeded differently). Every run is bounded in time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from trainkit import CheckpointError, load_checkpoint
+
+CHILD = Path(__file__).with_name("dist_child.py")
+
+
+def model() -> torch.nn.Module:
+    from dist_child import make_model
+
+    return make_model()
+
+
+EPOCHS = 3  # 7 steps per epoch under 2 processes, 13 in one
+
+
+@dataclass
+class Ended:
+    codes: list[int]
+    stdout: list[str]
+    stderr: list[str]
+
+
+def launch(
+    n: int, dirpath: Path, *args: str, timeout: float = 60, cwd: list[Path] | None = None
+) -> Ended:
+    """Run dist_child.py in `n` processes (torchrun's environment for n > 1), bounded."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    if n > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env.update(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(CHILD), str(dirpath), *args],
+            env={**env, **({"RANK": str(r), "LOCAL_RANK": str(r)} if n > 1 else {})},
+            cwd=cwd[r] if cwd else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(n)
+    ]
+    deadline = time.monotonic() + timeout
+    outs: list[tuple[str, str]] = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a child process still ran after {timeout} s: a hang")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return Ended([p.returncode for p in procs], [o for o, _ in outs], [e for _, e in outs])
+
+
+def final(dirpath: Path, rank: int) -> dict[str, Any]:
+    result: dict[str, Any] = torch.load(dirpath / f"final-rank{rank}.pt", weights_only=True)
+    return result
+
+
+def assert_same_run(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["records"] == b["records"]  # History bitwise (every figure but `seconds`)
+    for x, y in zip(a["model"].values(), b["model"].values(), strict=True):
+        assert torch.equal(x, y)
+    for x, y in zip(a["opt"]["state"].values(), b["opt"]["state"].values(), strict=True):
+        assert torch.equal(x["momentum_buffer"], y["momentum_buffer"])
+
+
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    dirpath = tmp_path_factory.mktemp("reference2")
+    ended = launch(2, dirpath, str(EPOCHS))
+    assert ended.codes == [0, 0], ended.stderr
+    return [final(dirpath, r) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def preempted2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ended]:
+    """A 2-process run that rank 1 alone gets a SIGTERM in, at batch 2 of the second epoch."""
+    dirpath = tmp_path_factory.mktemp("preempted2")
+    ended = launch(2, dirpath, str(EPOCHS), "--term", "1", "2", "1")
+    if (dirpath / "last.ckpt").is_file():  # kept as written: the resumed run replaces last.ckpt
+        shutil.copyfile(dirpath / "last.ckpt", dirpath.parent / "preempted2.ckpt")
+    return dirpath, ended
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_saves(
+    preempted2: tuple[Path, Ended],
+) -> None:
+    dirpath, ended = preempted2
+    assert ended.codes == [128 + signal.SIGTERM] * 2, ended.stderr
+    # both stopped after the same optimizer step: the last "step N" each printed
+    last = [out.split()[-1] for out in ended.stdout]
+    assert last[0] == last[1]
+    ckpt = load_checkpoint(dirpath.parent / "preempted2.ckpt", model=model())
+    assert (ckpt.epoch, ckpt.epoch_complete) == (1, False)
+    assert ckpt.global_step == int(last[0]) and ckpt.step == ckpt.global_step - 7
+    assert ckpt.ranks is not None and len(ckpt.ranks) == 2
+    # one clear message, on rank 0 only; no traceback anywhere
+    assert f"interrupted: saved {dirpath / 'last.ckpt'}" in ended.stderr[0]
+    assert f"trainkit: SIGTERM: stopped after optimizer step {ckpt.global_step}" in ended.stderr[0]
+    assert "exiting with status 143" in ended.stderr[0]
+    assert ended.stderr[1] == ""
+    assert "Traceback" not in ended.stderr[0]
+
+
+def test_two_processes_resume_bitwise_after_sigterm(
+    preempted2: tuple[Path, Ended], reference2: list[dict[str, Any]]
+) -> None:
+    dirpath, ended = preempted2
+    assert ended.codes == [143, 143]
+    resumed = launch(2, dirpath, str(EPOCHS))
+    assert resumed.codes == [0, 0], resumed.stderr
+    for r in range(2):
+        assert_same_run(final(dirpath, r), reference2[r])
+
+
+def test_a_mid_epoch_checkpoint_refuses_another_world_size(
+    preempted2: tuple[Path, Ended],
+) -> None:
+    import torch.nn.functional as F
+    from torch import optim
+
+    import dist_child
+    from trainkit import fit, get_data
+
+    dirpath, _ = preempted2
+    train_dl, _ = get_data(*dist_child.datasets(), 16)
+    model = dist_child.make_model()
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(CheckpointError, match=r"world_size 2 then, 1 now"):
+        saved = dirpath.parent / "preempted2.ckpt"
+        fit(EPOCHS, model, F.cross_entropy, opt, train_dl, resume=saved, progress=False)
+
+
+def test_sigterm_to_one_process_saves_and_the_run_resumes_bitwise(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    assert launch(1, reference, str(EPOCHS)).codes == [0]
+    run = tmp_path / "run"
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), str(run), str(EPOCHS)],
+        env={**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
+             "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:  # the child waits in no way: SIGTERM arrives while it trains
+            if line.startswith("step ") and int(line.split()[1]) >= 3:
+                child.send_signal(signal.SIGTERM)
+                break
+        _, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 143, err
+    assert "SIGTERM: stopping after the next optimizer step" in err
+    assert f"interrupted: saved {run / 'last.ckpt'}" in err
+    assert "trainkit: SIGTERM: stopped after optimizer step" in err and "Traceback" not in err
+    ckpt = load_checkpoint(run / "last.ckpt", model=model())
+    assert ckpt.global_step >= 4 and ckpt.ranks is None
+    assert not (run / "final-rank0.pt").exists()
+    assert launch(1, run, str(EPOCHS)).codes == [0]
+    assert_same_run(final(run, 0), final(reference, 0))
