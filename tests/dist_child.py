@@ -8,7 +8,9 @@ Trains a small MLP with BatchNorm and dropout on fixed random data (shuffled, sh
 `get_data`; every rank seeded differently) with a `ModelCheckpoint` in DIR, and saves each
 rank's final weights and History records (without `seconds`) to DIR/final-rank{R}.pt.
 `--term`: rank RANK sends itself a real SIGTERM as batch BATCH of epoch EPOCH (from 0) starts.
-`--resume`: passed to `fit(resume=...)` (`auto` by default). Prints "step N" per batch.
+`--resume`: passed to `fit(resume=...)` (`auto` by default). `--sync-bn`:
+`fit(sync_batchnorm=True)`. `--wait-at STEP FILE`: after optimizer step STEP, wait (30 s at
+most) until FILE exists. Prints "step N" per batch.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +49,19 @@ class Report(Callback):
         print(f"step {state.global_step}", flush=True)
 
 
+class WaitAt(Callback):
+    """After optimizer step `step`, wait until `path` exists (the test sent its signal)."""
+
+    def __init__(self, step: int, path: Path) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, state: TrainState) -> None:
+        if state.global_step == self.step:
+            deadline = time.monotonic() + 30
+            while not self.path.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
 class TermAt(Callback):
     def __init__(self, epoch: int, batch: int) -> None:
         self.epoch, self.batch = epoch, batch
@@ -62,6 +78,8 @@ def main() -> None:
     parser.add_argument("--term", type=int, nargs=3)
     parser.add_argument("--resume", default="auto")
     parser.add_argument("--every", type=int, default=1000)
+    parser.add_argument("--sync-bn", action="store_true")
+    parser.add_argument("--wait-at", nargs=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
     trainkit.distributed.init(timeout_seconds=60)
@@ -72,10 +90,13 @@ def main() -> None:
         model = make_model()
         opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         callbacks: list[Callback] = [Report(), ModelCheckpoint(args.dir, every_n_steps=args.every)]
+        if args.wait_at is not None:
+            callbacks.append(WaitAt(int(args.wait_at[0]), Path(args.wait_at[1])))
         if args.term is not None and args.term[2] == rank:
             callbacks.append(TermAt(args.term[0], args.term[1]))
         history = fit(args.epochs, model, F.cross_entropy, opt, train_dl, valid_dl,
-                      progress=False, callbacks=callbacks, resume=args.resume)  # fmt: skip
+                      progress=False, callbacks=callbacks, resume=args.resume,
+                      sync_batchnorm=args.sync_bn)  # fmt: skip
         records = [{k: v for k, v in r.items() if k != "seconds"} for r in history.records]
         torch.save(
             {"model": model.state_dict(), "opt": opt.state_dict(), "records": records},

@@ -161,18 +161,19 @@ def test_a_mid_epoch_checkpoint_refuses_another_world_size(
 def test_sigterm_to_one_process_saves_and_the_run_resumes_bitwise(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     assert launch(1, reference, str(EPOCHS)).codes == [0]
-    run = tmp_path / "run"
+    run, sent = tmp_path / "run", tmp_path / "sent"
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(run), str(EPOCHS)],
+        [sys.executable, str(CHILD), str(run), str(EPOCHS), "--wait-at", "3", str(sent)],
         env={**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")},
              "OMP_NUM_THREADS": "1"},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert child.stdout is not None
-        for line in child.stdout:  # the child waits in no way: SIGTERM arrives while it trains
+        for line in child.stdout:  # after step 3 the child waits for `sent`: no race
             if line.startswith("step ") and int(line.split()[1]) >= 3:
                 child.send_signal(signal.SIGTERM)
+                sent.touch()
                 break
         _, err = child.communicate(timeout=60)
     finally:
@@ -184,7 +185,47 @@ def test_sigterm_to_one_process_saves_and_the_run_resumes_bitwise(tmp_path: Path
     assert f"interrupted: saved {run / 'last.ckpt'}" in err
     assert "trainkit: SIGTERM: stopped after optimizer step" in err and "Traceback" not in err
     ckpt = load_checkpoint(run / "last.ckpt", model=model())
-    assert ckpt.global_step >= 4 and ckpt.ranks is None
+    assert (ckpt.global_step, ckpt.ranks) == (4, None)  # the step after the signal completed
     assert not (run / "final-rank0.pt").exists()
     assert launch(1, run, str(EPOCHS)).codes == [0]
     assert_same_run(final(run, 0), final(reference, 0))
+
+
+def test_batchnorm_buffers_agree_and_history_describes_the_saved_model(
+    reference2: list[dict[str, Any]],
+) -> None:
+    """Each rank updates BatchNorm's running statistics with its own batches; they are
+    broadcast from rank 0 before validation, so both ranks hold one model and History's
+    val_loss is that model's, computed in one process."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    from dist_child import datasets
+    from trainkit import evaluate
+
+    r0, r1 = reference2
+    assert any("running_mean" in k for k in r0["model"])
+    for (k, a), b in zip(r0["model"].items(), r1["model"].values(), strict=True):
+        assert torch.equal(a, b), k
+    net = model()
+    net.load_state_dict(r0["model"])
+    single = evaluate(net, F.cross_entropy, DataLoader(datasets()[1], batch_size=7))
+    assert r0["records"][-1]["val_loss"] == pytest.approx(single["loss"], abs=1e-6)
+
+
+def test_sync_batchnorm_is_refused_on_gloo_and_a_no_op_in_one_process(tmp_path: Path) -> None:
+    ended = launch(2, tmp_path / "ckpt", "1", "--sync-bn")
+    assert ended.codes[0] != 0 and ended.codes[1] != 0
+    for err in ended.stderr:
+        assert "fit(sync_batchnorm=True): SyncBatchNorm needs CUDA tensors and the nccl" in err
+        assert "uses 'gloo'" in err
+    import torch.nn.functional as F
+    from torch import optim
+
+    from trainkit import fit
+
+    net = model()
+    x, y = torch.randn(32, 20), torch.randint(0, 3, (32,))
+    fit(1, net, F.cross_entropy, optim.SGD(net.parameters(), lr=0.1), [(x, y)], progress=False,
+        sync_batchnorm=True)  # fmt: skip
+    assert [type(m) for m in net.modules() if "Norm" in type(m).__name__] == [torch.nn.BatchNorm1d]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Iterator, Sized
+import signal
+from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -64,10 +65,18 @@ def init(backend: str | None = None, *, timeout_seconds: float = 300) -> bool:
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(
-        backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-        timeout=datetime.timedelta(seconds=timeout_seconds),
-    )
+    # The communication threads started here inherit this thread's signal mask: with SIGINT
+    # and SIGTERM blocked in them, a stop signal always reaches the main thread, where
+    # fit's handler runs, rather than interrupting a thread inside a system call.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    try:
+        dist.init_process_group(
+            backend or ("nccl" if torch.cuda.is_available() else "gloo"),
+            timeout=datetime.timedelta(seconds=timeout_seconds),
+        )
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return True
 
 
@@ -247,6 +256,36 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             for b in buffers:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool) -> None:
+    """`fit(sync_batchnorm=True)`: BatchNorm layers to `SyncBatchNorm`, in place.
+
+    Raises:
+        ValueError: the model itself is a BatchNorm layer (it cannot be replaced in place), or
+            the process group's backend cannot run `SyncBatchNorm` (gloo: CPU).
+    """
+    if not enabled or not is_distributed():
+        return  # one process: BatchNorm already sees the whole batch
+    backend = dist.get_backend()
+    if backend != "nccl":
+        raise ValueError(
+            f"fit(sync_batchnorm=True): SyncBatchNorm needs CUDA tensors and the nccl backend; "
+            f"this process group uses {backend!r}. Drop sync_batchnorm (BatchNorm's running "
+            "statistics are then broadcast from rank 0 before validation and each save)"
+        )
+    if isinstance(model, torch.nn.modules.batchnorm._BatchNorm):
+        raise ValueError(
+            "fit(sync_batchnorm=True): the model is itself a BatchNorm layer; wrap it in a "
+            "module (nn.Sequential(bn)) so it can be converted in place"
+        )
+    convert: Callable[[torch.nn.Module], torch.nn.Module] = (
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm
+    )
+    for name, child in model.named_children():
+        converted = convert(child)
+        if converted is not child:
+            setattr(model, name, converted)
 
 
 class StopVote:

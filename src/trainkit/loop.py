@@ -40,6 +40,7 @@ from trainkit.distributed import (
     StopVote,
     barrier,
     broadcast_buffers,
+    convert_sync_batchnorm,
     is_distributed,
     is_main_process,
     rank,
@@ -136,6 +137,7 @@ def fit(
     compile: bool = False,
     terminate_on_nan: bool = True,
     resume: str | os.PathLike[str] | None = None,
+    sync_batchnorm: bool = False,
 ) -> History:
     """Train `model` for `epochs` epochs, validating after each: the tutorial's `fit`, kept.
 
@@ -194,11 +196,21 @@ def fit(
             continue from: model, optimizer, scheduler, scaler, callbacks, History, random
             generators and the position in the epoch are restored, and the batches after it are
             the ones the uninterrupted run would have seen. `epochs` is the run's total.
+            `"auto"`: the `last.ckpt` of the run's `ModelCheckpoint` if there is one, else a
+            new run (the one line a restarted job needs; any other path that holds nothing is
+            an error). Under a process group rank 0 decides and every rank resumes from that
+            file, each with its own random states and running loss, or all fail with one error.
+        sync_batchnorm: Under a process group whose backend supports it (nccl), convert the
+            model's BatchNorm layers to `SyncBatchNorm` (statistics over every process's batch)
+            in place; refused under gloo; nothing to do in one process. Without it, BatchNorm's
+            running statistics are broadcast from rank 0 before validation and each save.
 
     Ctrl-C while training is deferred to the end of the next optimizer step (with
     `accumulate`, the end of the accumulation group; during validation, the end of the batch; a
     second Ctrl-C interrupts at once), so a `ModelCheckpoint` can save the last completed step
-    before the `KeyboardInterrupt` propagates.
+    before the `KeyboardInterrupt` propagates. SIGTERM (how schedulers stop a job) does the
+    same, then raises `Preempted` (a `SystemExit` with status 143). Under a process group, both
+    signals stop every process after the same optimizer step, and fit raises `Preempted`.
 
     Returns:
         The `History` of the run: one record per completed epoch; `history.status` is
@@ -239,6 +251,7 @@ def fit(
     if device is not None:
         model.to(device)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
+    convert_sync_batchnorm(model, sync_batchnorm)
     run = _Run.build(
         model, opt, dev, scheduler, scheduler_interval, amp, accumulate,
         clip_grad_norm, clip_grad_value, channels_last, compile,
@@ -440,6 +453,7 @@ def _defer_sigint(state: TrainState) -> Callable[[], None]:
     ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
     for signum in ours:
         signal.signal(signum, handler)
+        signal.siginterrupt(signum, False)  # system calls resume after the handler ran
 
     def restore() -> None:
         for signum in ours:
