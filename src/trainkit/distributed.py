@@ -11,12 +11,20 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import warnings
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import (
+    BatchSampler,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 __all__ = [
     "Preempted",
@@ -256,6 +264,70 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
             for b in buffers:
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
+
+
+def warn_data_setup(train_dl: Any, valid_dl: Any) -> None:
+    """Under a process group, warn about loaders that make `fit`'s figures silently wrong.
+
+    Read through wrappers (their `.dl`) down to the `DataLoader`; loaders that do not say
+    (a list of batches, a custom batch sampler) are not judged.
+    """
+    if not is_distributed():
+        return
+    n = world_size()
+    train = _sampler(train_dl)
+    if isinstance(train, SequentialSampler | RandomSampler):
+        warnings.warn(
+            f"fit(train_dl=...): under a process group of {n} processes the training loader "
+            f"draws from a {type(train).__name__}, so every process trains on the whole set "
+            "(in the same order). Use a DistributedSampler, as get_data does",
+            stacklevel=3,
+        )
+    valid, inner = _sampler(valid_dl), _innermost(valid_dl)
+    if isinstance(valid, DistributedSampler):
+        size = len(valid.dataset)  # type: ignore[arg-type]
+        if size % n:
+            what = "drops" if valid.drop_last else "pads with repeated samples"
+            warnings.warn(
+                f"fit(valid_dl=...): the validation loader's DistributedSampler {what} "
+                f"{n - size % n if not valid.drop_last else size % n} sample(s) ({size} over "
+                f"{n} processes), so the validation figures are not those of the validation "
+                "set. Use trainkit.distributed.ShardSampler (every sample once), as get_data "
+                "does",
+                stacklevel=3,
+            )
+    elif isinstance(valid, SequentialSampler | RandomSampler):
+        warnings.warn(
+            f"fit(valid_dl=...): under a process group of {n} processes the validation loader "
+            f"is not sharded ({type(valid).__name__}): every process validates the whole set "
+            f"and the summed figures count each sample {n} times. Use "
+            "trainkit.distributed.ShardSampler, as get_data does",
+            stacklevel=3,
+        )
+    if getattr(inner, "drop_last", False) is True:
+        warnings.warn(
+            "fit(valid_dl=...): the validation loader has drop_last=True: the samples of each "
+            "process's last, incomplete batch are not validated. Build it with "
+            "drop_last=False",
+            stacklevel=3,
+        )
+
+
+def _innermost(dl: Any) -> Any:
+    for _ in range(8):
+        inner = getattr(dl, "dl", None)
+        if inner is None:
+            break
+        dl = inner
+    return dl
+
+
+def _sampler(dl: Any) -> Any:
+    inner = _innermost(dl)
+    batch_sampler = getattr(inner, "batch_sampler", None)
+    if batch_sampler is not None and not isinstance(batch_sampler, BatchSampler):
+        return None  # a custom batch sampler: not judged
+    return getattr(inner, "sampler", None)
 
 
 def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool) -> None:

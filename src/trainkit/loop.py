@@ -44,6 +44,7 @@ from trainkit.distributed import (
     is_distributed,
     is_main_process,
     rank,
+    warn_data_setup,
     world_size,
 )
 from trainkit.metrics import (
@@ -248,6 +249,7 @@ def fit(
         ...               scheduler_monitor="val_accuracy", progress=False)
     """
     _check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
+    warn_data_setup(train_dl, valid_dl)
     if device is not None:
         model.to(device)
     dev = _model_device(model) if device is None else _canonical(torch.device(device))
@@ -731,6 +733,7 @@ def evaluate(
     *,
     device: torch.device | str | None = None,
     callbacks: Sequence[Callback] = (),
+    sync: bool = True,
 ) -> dict[str, float]:
     """The loss and metrics of `model` over `dl`, without training (the Quickstart's test loop).
 
@@ -746,6 +749,12 @@ def evaluate(
         callbacks: `Callback`s whose `on_evaluate_start`, `on_evaluate_batch_start`,
             `on_evaluate_batch_end` and `on_evaluate_end` hooks run, each with an `EvalState`
             (a hook may replace `state.xb`/`state.yb` in `on_evaluate_batch_start`).
+        sync: Under a process group, `evaluate` is a collective: every process must call it,
+            each over its shard (`ShardSampler`), and the figures are summed over all of them;
+            a process calling it alone waits for the others until the group's timeout.
+            `sync=False`: this process's batches only, no collectives, for calling it on one
+            rank (rank 0 over the whole test set). No effect in one process. (A torchmetrics
+            metric syncs itself in `compute`: build it with `sync_on_compute=False` there.)
 
     Returns:
         `{"loss": ..., "<metric name>": ...}` as Python floats. Metrics whose result has more
@@ -780,7 +789,7 @@ def evaluate(
     model.eval()
     try:
         results, _ = _evaluate(
-            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks
+            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks, sync=sync
         )
         if state is not None and hooks["on_evaluate_end"]:
             state.metrics = dict(results)
@@ -806,6 +815,8 @@ def _evaluate(
     names: tuple[str, str, str] = _VALIDATION_HOOKS,
     hooks: dict[str, list[Callable[..., None]]] | None = None,
     autocast: torch.autocast | None = None,
+    *,
+    sync: bool = True,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """One pass over `dl` under `no_grad`: the loss and metrics, with the `names` hooks."""
     loss = Mean()
@@ -835,7 +846,7 @@ def _evaluate(
                     raise KeyboardInterrupt
     if loss.count == 0:
         raise ValueError(f"{arg}: the loader yielded no batches")
-    if is_distributed():  # sum over the processes' shards (torchmetrics' sync in compute)
+    if sync and is_distributed():  # sum over the processes' shards (as torchmetrics' sync)
         to_sync: list[object] = [loss, *metrics.values()]
         for item in to_sync:
             if isinstance(item, SYNCED):
@@ -862,6 +873,9 @@ def predict(
 
     Batches may be inputs alone or `(xb, yb)` pairs (the targets are ignored). Runs under
     `torch.no_grad()` in eval mode, and puts the model back in the mode it was in.
+    It runs no collectives: under a process group each process predicts its own loader's
+    batches, and it may be called on one rank alone (pass the plain module, not a
+    `DistributedDataParallel` wrapper, whose forward may broadcast buffers).
 
     Args:
         model: The model; its outputs must be tensors.
