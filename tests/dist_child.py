@@ -10,7 +10,7 @@ rank's final weights and History records (without `seconds`) to DIR/final-rank{R
 `--term`: rank RANK sends itself a real SIGTERM as batch BATCH of epoch EPOCH (from 0) starts.
 `--resume`: passed to `fit(resume=...)` (`auto` by default). `--sync-bn`:
 `fit(sync_batchnorm=True)`. `--wait-at STEP FILE`: after optimizer step STEP, wait (30 s at
-most) until FILE exists. Prints "step N" per batch.
+most) until FILE exists. `--vote-seconds S`: `StopVote.seconds`. Prints "step N" per batch.
 """
 
 from __future__ import annotations
@@ -80,8 +80,11 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=1000)
     parser.add_argument("--sync-bn", action="store_true")
     parser.add_argument("--wait-at", nargs=2)
+    parser.add_argument("--vote-seconds", type=float)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.vote_seconds is not None:  # 0: the processes vote on stopping after every step
+        trainkit.distributed.StopVote.seconds = args.vote_seconds
     trainkit.distributed.init(timeout_seconds=60)
     rank = trainkit.distributed.rank()
     try:

@@ -103,7 +103,7 @@ def reference2(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]
 def preempted2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Ended]:
     """A 2-process run that rank 1 alone gets a SIGTERM in, at batch 2 of the second epoch."""
     dirpath = tmp_path_factory.mktemp("preempted2")
-    ended = launch(2, dirpath, str(EPOCHS), "--term", "1", "2", "1")
+    ended = launch(2, dirpath, str(EPOCHS), "--term", "1", "2", "1", "--vote-seconds", "0")
     if (dirpath / "last.ckpt").is_file():  # kept as written: the resumed run replaces last.ckpt
         shutil.copyfile(dirpath / "last.ckpt", dirpath.parent / "preempted2.ckpt")
     return dirpath, ended
@@ -114,9 +114,10 @@ def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_and_saves(
 ) -> None:
     dirpath, ended = preempted2
     assert ended.codes == [128 + signal.SIGTERM] * 2, ended.stderr
-    # both stopped after the same optimizer step: the last "step N" each printed
+    # both stopped after the same optimizer step: the last "step N" each printed; voting after
+    # every step, the step after the one the signal came in (step 10, in epoch 2)
     last = [out.split()[-1] for out in ended.stdout]
-    assert last[0] == last[1]
+    assert last == ["11", "11"]
     ckpt = load_checkpoint(dirpath.parent / "preempted2.ckpt", model=model())
     assert (ckpt.epoch, ckpt.epoch_complete) == (1, False)
     assert ckpt.global_step == int(last[0]) and ckpt.step == ckpt.global_step - 7
@@ -229,3 +230,14 @@ def test_sync_batchnorm_is_refused_on_gloo_and_a_no_op_in_one_process(tmp_path: 
     fit(1, net, F.cross_entropy, optim.SGD(net.parameters(), lr=0.1), [(x, y)], progress=False,
         sync_batchnorm=True)  # fmt: skip
     assert [type(m) for m in net.modules() if "Norm" in type(m).__name__] == [torch.nn.BatchNorm1d]
+
+
+def test_with_votes_spaced_out_every_rank_still_stops_at_the_same_step(tmp_path: Path) -> None:
+    """Rank 0 spaces the votes to about 50 ms of steps (at most 64 steps apart), so a stop
+    comes at most 2 * 64 steps after the signal: within these 25 epochs of 7 steps."""
+    ended = launch(2, tmp_path, "25", "--term", "1", "2", "1")
+    assert ended.codes == [143, 143], ended.stderr
+    last = [int(out.split()[-1]) for out in ended.stdout]
+    assert last[0] == last[1] and 10 <= last[0] <= 10 + 2 * 64
+    ckpt = load_checkpoint(tmp_path / "last.ckpt", model=model())
+    assert ckpt.global_step == last[0] and ckpt.ranks is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sized
 from typing import Any
@@ -363,20 +364,27 @@ def convert_sync_batchnorm(model: torch.nn.Module, enabled: bool) -> None:
 class StopVote:
     """Agree on which optimizer step every process stops after, without waiting per step.
 
-    `request(signum)` (from a signal handler) marks this process. After every optimizer step,
-    `after_step()` reads the result of the all-reduce launched after the previous step (long
-    finished: the step's gradient all-reduce came after it on the same group) and launches a
+    `request(signum)` (from a signal handler) marks this process. Every `every` optimizer
+    steps, `after_step()` reads the result of the all-reduce it launched the previous time
+    (long finished: later gradient all-reduces came after it on the same group) and launches a
     new one with this process's request. Every process so reads the same value after the same
-    step, and stops after it: one step after the first request reached the all-reduce. The
-    cost per step is one asynchronous all-reduce of one integer over a CPU (gloo) group; no
-    device synchronisation. Outside a process group `StopVote` is not used.
+    step and stops after it: at most two votes after the first request reached one. The vote
+    also carries rank 0's choice of `every` (steps in about `seconds` of training, 1 to 64),
+    so tiny steps do not pay a collective each while a stop still comes within a fraction of
+    a second. The cost: one asynchronous all-reduce of two integers over a CPU (gloo) group
+    per vote, no device synchronisation. Outside a process group `StopVote` is not used.
     """
+
+    seconds = 0.05  # the time between votes rank 0 aims for
 
     def __init__(self) -> None:
         self.group: Any = _cpu_group()
         self.requested = 0  # the signal number this process received, 0 for none
         self.agreed = 0  # the signal number every process agreed to stop on, 0 while running
-        self._buffer = torch.zeros(1, dtype=torch.int32)
+        self.every = 1  # steps between votes, the same on every process
+        self._countdown = 1
+        self._since = time.monotonic()
+        self._buffer = torch.zeros(2, dtype=torch.int64)
         self._work: Any = None
 
     def request(self, signum: int) -> None:
@@ -386,14 +394,22 @@ class StopVote:
         """Called after each optimizer step on every process: whether to stop after this one."""
         if self.agreed:
             return True
+        self._countdown -= 1
+        if self._countdown > 0:
+            return False
         if self._work is not None:
             self._work.wait()
             self._work = None
-            agreed = int(self._buffer[0])
+            agreed, self.every = int(self._buffer[0]), max(1, int(self._buffer[1]))
             if agreed:
                 self.agreed = agreed
                 return True
-        self._buffer[0] = self.requested
+        self._countdown = self.every
+        now = time.monotonic()
+        per_step = max(now - self._since, 1e-9) / self.every
+        self._since = now
+        proposal = min(64, max(1, int(self.seconds / per_step))) if is_main_process() else 0
+        self._buffer[0], self._buffer[1] = self.requested, proposal
         self._work = dist.all_reduce(
             self._buffer, op=dist.ReduceOp.MAX, group=self.group, async_op=True
         )
