@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -111,4 +113,17 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ended with os._exit after flushing, as multiprocessing ends its workers: interpreter
+    # teardown with gloo's threads still around was seen, rarely, to abort a finished process
+    # (SIGABRT, "terminate called without an active exception"), after everything was written.
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:  # Preempted: status 143
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

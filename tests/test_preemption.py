@@ -241,3 +241,23 @@ def test_with_votes_spaced_out_every_rank_still_stops_at_the_same_step(tmp_path:
     assert last[0] == last[1] and 10 <= last[0] <= 10 + 2 * 64
     ckpt = load_checkpoint(tmp_path / "last.ckpt", model=model())
     assert ckpt.global_step == last[0] and ckpt.ranks is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda r: r.append(r[0]), r"field 'ranks' holds 3 ranks; the run had world size 2"),
+        (lambda r: r.pop(), r"field 'ranks' is not a list of per-rank dicts"),
+        (lambda r: r[1].pop("rng"), r"field 'ranks' is not a list of per-rank dicts"),
+        (lambda r: r[1].update(train_loss=None), r"field 'ranks\[1\]\.train_loss' is not"),
+    ],
+)
+def test_malformed_per_rank_states_are_named(
+    preempted2: tuple[Path, Ended], change: Any, message: str, tmp_path: Path
+) -> None:
+    dirpath, _ = preempted2
+    data = torch.load(dirpath.parent / "preempted2.ckpt", weights_only=True)
+    change(data["ranks"])
+    torch.save(data, tmp_path / "bad.ckpt")
+    with pytest.raises(CheckpointError, match=rf"bad\.ckpt: {message}"):
+        load_checkpoint(tmp_path / "bad.ckpt", model=model())
