@@ -211,7 +211,8 @@ def fit(
     second Ctrl-C interrupts at once), so a `ModelCheckpoint` can save the last completed step
     before the `KeyboardInterrupt` propagates. SIGTERM (how schedulers stop a job) does the
     same, then raises `Preempted` (a `SystemExit` with status 143). Under a process group, both
-    signals stop every process after the same optimizer step, and fit raises `Preempted`.
+    signals stop every process after the same optimizer step (a second one does not stop a
+    process at once: the others would wait for it), and fit raises `Preempted`.
 
     Returns:
         The `History` of the run: one record per completed epoch; `history.status` is
