@@ -4,16 +4,22 @@
     torchrun --nproc_per_node=2 examples/ddp_fashion_mnist.py         # two on this machine
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=4 \\
         examples/ddp_fashion_mnist.py                                 # and on several machines
+    torchrun --max-restarts=3 --nproc_per_node=2 examples/ddp_fashion_mnist.py   # restartable
 
 The only distributed line is `trainkit.distributed.init()`: it joins the process group torchrun
 describes (gloo on CPU, nccl on CUDA) and does nothing under plain `python`. `get_data` then
 shards the data, `fit` wraps the model in DistributedDataParallel, reduces the figures over all
 processes, and lets only rank 0 print and write checkpoints.
+
+The elastic recipe is `fit(..., resume="auto")`: a restarted job (torchrun's `--max-restarts`, a
+requeued SLURM job, a rescheduled pod) continues from `--out`'s last.ckpt, a first one starts
+fresh; SIGTERM saves last.ckpt after the current step and exits with status 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -53,10 +59,15 @@ def main(argv: list[str] | None = None) -> None:
         nn.ReLU(),
         nn.Linear(512, 10),
     )
+    # one GPU per process: the one torchrun's LOCAL_RANK names (init() made it current)
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    checkpoints = ModelCheckpoint(Path(args.out), monitor="val_accuracy", mode="max")
+    checkpoints = ModelCheckpoint(
+        Path(args.out), monitor="val_accuracy", mode="max", every_n_steps=200
+    )
     fit(args.epochs, model, nn.CrossEntropyLoss(), opt, train_dl, test_dl, metrics=[Accuracy()],
-        callbacks=[checkpoints])  # fmt: skip
+        callbacks=[checkpoints], resume="auto")  # fmt: skip
     if trainkit.distributed.is_distributed():
         torch.distributed.destroy_process_group()
 

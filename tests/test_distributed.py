@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +100,18 @@ def _worker(rank: int, port: int, tmp: str, fail: bool) -> None:
 def run_two(
     tmp: Path, *, fail: bool = False, timeout: float = 120
 ) -> tuple[list[int | None], float]:
+    return run_two_with(_worker, tmp, fail, timeout=timeout)
+
+
+def run_two_with(
+    target: Callable[..., None], tmp: Path, *args: Any, timeout: float = 120
+) -> tuple[list[int | None], float]:
+    """Run `target(rank, port, str(tmp), *args)` in 2 spawned processes, bounded in time."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    workers = [ctx.Process(target=_worker, args=(rank, port, str(tmp), fail)) for rank in range(2)]
+    workers = [ctx.Process(target=target, args=(rank, port, str(tmp), *args)) for rank in range(2)]
     start = time.monotonic()
     for w in workers:
         w.start()

@@ -38,6 +38,7 @@ from trainkit.data import (
     to_device,
 )
 from trainkit.datasets import CustomImageDataset, DatasetError, fashion_mnist
+from trainkit.distributed import Preempted
 from trainkit.fastpath import FastTensorLoader, why_not_fast
 from trainkit.layers import Lambda
 from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
@@ -91,6 +92,7 @@ __all__ = [
     "MultilabelAccuracy",
     "OneHot",
     "PerClassAccuracy",
+    "Preempted",
     "ProgressBar",
     "Scheduler",
     "Status",

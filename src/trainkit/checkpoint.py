@@ -18,6 +18,7 @@ Only then is anything restored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import random
@@ -35,7 +36,15 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from trainkit.distributed import world_size
+from trainkit.distributed import (
+    all_gather,
+    broadcast_buffers,
+    broadcast_from_main,
+    gather_to_main,
+    is_main_process,
+    world_size,
+)
+from trainkit.distributed import rank as this_rank
 
 __all__ = [
     "FORMAT_VERSION",
@@ -94,6 +103,9 @@ class Checkpoint:
             (`"torch.optim.sgd.SGD"`, ...; `None` for those not saved).
         loader: What identifies the training loader of the run (`fit` checkpoints only):
             dataset length, batch size, number of batches, sampler, world size, ...
+        ranks: Under a process group, each rank's `rng`, `epoch_rng` and `train_loss`, by rank
+            (`fit` restores each on its own rank when resumed by as many processes); `None`
+            for a one-process run.
 
     Example:
         >>> ckpt = load_checkpoint("runs/last.ckpt", model=model)  # doctest: +SKIP
@@ -116,6 +128,7 @@ class Checkpoint:
     train_loss: dict[str, Any] | None = None
     classes: dict[str, str | None] = field(default_factory=dict)
     loader: dict[str, Any] | None = None
+    ranks: list[dict[str, Any]] | None = None
 
 
 def seed_everything(seed: int) -> int:
@@ -625,6 +638,7 @@ _FIELDS = (
     "classes", "model", *_STATES, "epoch", "step", "global_step", "epoch_complete", "rng",
     "epoch_rng", "history", "callbacks", "train_loss", "loader", "extra",
 )  # fmt: skip
+_RANK_FIELDS = ("rng", "epoch_rng", "train_loss")
 _LOADER_FIELDS = (
     "loader", "dataset_length", "batch_size", "num_batches", "drop_last", "sampler",
     "generators", "world_size", "persistent_workers",
@@ -725,6 +739,41 @@ def _check_fields(path: Path, data: Any) -> None:
     loader = data["loader"]
     if loader is not None and not (isinstance(loader, dict) and set(loader) == set(_LOADER_FIELDS)):
         raise bad("loader", f"None or a dict of {', '.join(_LOADER_FIELDS)}")
+    ranks = data.get("ranks")  # optional: written by multi-process runs only
+    if ranks is not None:
+        if not (
+            isinstance(ranks, list)
+            and len(ranks) > 1
+            and all(isinstance(r, dict) and set(r) == set(_RANK_FIELDS) for r in ranks)
+        ):
+            raise CheckpointError(
+                f"{path}: field 'ranks' is not a list of per-rank dicts of "
+                f"{', '.join(_RANK_FIELDS)}"
+            )
+        world = loader.get("world_size") if isinstance(loader, dict) else None
+        if world != len(ranks):
+            raise CheckpointError(
+                f"{path}: field 'ranks' holds {len(ranks)} ranks; the run had world size {world!r}"
+            )
+        for i, r in enumerate(ranks):
+            _check_rng(path, r["rng"], f"ranks[{i}].rng")
+            if r["epoch_rng"] is not None:
+                _check_rng(path, r["epoch_rng"], f"ranks[{i}].epoch_rng")
+            loss = r["train_loss"]
+            if (loss is None) != (data["train_loss"] is None) or not (
+                loss is None
+                or (
+                    isinstance(loss, dict)
+                    and set(loss) == {"total", "count"}
+                    and (loss["total"] is None or _scalar_tensor(loss["total"]))
+                    and _number(loss["count"])
+                    and loss["count"] >= 0
+                )
+            ):
+                raise CheckpointError(
+                    f"{path}: field 'ranks[{i}].train_loss' is not a running loss "
+                    "({'total': a 0-dim tensor, 'count': a number}) as the run's"
+                )
 
 
 def _check_tensors(path: Path, weights: Any, what: str) -> None:
@@ -945,6 +994,7 @@ def _restore(
         train_loss=data["train_loss"],
         classes=data["classes"],
         loader=data["loader"],
+        ranks=data.get("ranks"),
     )
 
 
@@ -1017,11 +1067,49 @@ def run_payload(state: Any, *, epoch_complete: bool) -> dict[str, Any]:
 
 
 def save_run(path: Path, state: Any, *, epoch_complete: bool) -> Path:
-    """Write `run_payload(state)` atomically to `path`."""
-    return _atomic_save(run_payload(state, epoch_complete=epoch_complete), path)
+    """Write `run_payload(state)` atomically to `path`.
+
+    Under a process group, a collective: every rank calls it; BatchNorm's running statistics
+    are first broadcast from rank 0 (so every rank holds the saved model), each rank's random
+    states and running training loss are gathered to rank 0 (field `ranks`), and only rank 0
+    writes.
+    """
+    broadcast_buffers(_unwrap(state.model))
+    partial = not epoch_complete and state.train_loss is not None
+    mine = {
+        "rng": rng_state(),
+        "epoch_rng": state.epoch_rng,
+        "train_loss": _cpu(state.train_loss.state_dict()) if partial else None,
+    }
+    ranks = gather_to_main(mine)
+    if not is_main_process():
+        return path
+    payload = run_payload(state, epoch_complete=epoch_complete)
+    if ranks is not None and len(ranks) > 1:
+        payload["ranks"] = ranks
+    return _atomic_save(payload, path)
 
 
-def restore_run(path: Path, state: Any) -> Checkpoint:
+def _cpu(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    return value
+
+
+def own_rank_state(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with this rank's random states and running loss, where it was saved by as many
+    processes as now run (else rank 0's, as saved at the top level)."""
+    if ckpt.ranks is None or len(ckpt.ranks) != world_size():
+        return ckpt
+    mine = ckpt.ranks[this_rank()]
+    return dataclasses.replace(
+        ckpt, rng=mine["rng"], epoch_rng=mine["epoch_rng"], train_loss=mine["train_loss"]
+    )
+
+
+def restore_run(path: Path, state: Any, data: dict[str, Any] | None = None) -> Checkpoint:
     """Check everything `fit(resume=path)` needs, then restore the run into `state`'s objects.
 
     Checked first: the file, its fields, the classes and states of model, optimizer, scheduler
@@ -1032,7 +1120,8 @@ def restore_run(path: Path, state: Any) -> Checkpoint:
     Raises:
         CheckpointError: anything that does not fit (named), before anything is changed.
     """
-    data = read_checkpoint(path, state.device)
+    if data is None:
+        data = read_checkpoint(path, state.device)
     targets = {"optimizer": state.opt, "scheduler": state.scheduler, "scaler": state.scaler}
     for name, target in targets.items():
         if target is None and data[name] is not None:
@@ -1198,6 +1287,65 @@ def resume_path(resume: PathLike) -> Path:
     if not path.is_file():
         raise CheckpointError(f"fit(resume={str(resume)!r}): no such file or directory")
     return path
+
+
+def read_agreed(
+    resume: PathLike, device: torch.device, *, missing_ok: bool
+) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint `fit(resume=...)` continues from, the same on every process.
+
+    Rank 0 decides which file (or, with `missing_ok`, that there is none: `None`, start
+    fresh) and broadcasts it; every process then reads and checks that file itself and all
+    compare notes: if one cannot read it, or read another run's file (a node's own disk), every
+    process raises the same `CheckpointError`, naming the ranks, before anything is restored.
+    Without a process group: `resume_path` and `read_checkpoint`.
+
+    Raises:
+        CheckpointError: no checkpoint there (unless `missing_ok`), or one that a process
+            cannot read (named, with its rank), or different files on different processes.
+    """
+    decision: tuple[str, str]
+    if is_main_process():
+        try:
+            decision = ("path", str(resume_path(resume)))
+        except CheckpointError as err:
+            decision = ("fresh", str(resume)) if missing_ok else ("error", str(err))
+    else:
+        decision = ("", "")
+    kind, value = broadcast_from_main(decision)
+    if kind == "error":
+        raise CheckpointError(value)
+    if kind == "fresh":
+        return None
+    path = Path(value)
+    data: dict[str, Any] = {}
+    problem: str | None = None
+    summary: tuple[Any, ...] | None = None
+    try:
+        data = read_checkpoint(path, device)
+        summary = (data["epoch"], data["step"], data["global_step"], data["epoch_complete"])
+    except (CheckpointError, OSError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    reports = all_gather((problem, summary))
+    failed = [f"rank {r}: {p}" for r, (p, _) in enumerate(reports) if p is not None]
+    if failed:
+        raise CheckpointError(
+            f"fit(resume=...): {path}: rank 0 resumes from it, but not every process can read "
+            f"it ({'; '.join(failed)}). Every process must read the same checkpoint: put the "
+            "checkpoint directory on a filesystem all nodes share"
+        )
+    if len({s for _, s in reports}) > 1:
+        seen = "; ".join(
+            f"rank {r}: epoch index {s[0]}, batch {s[1]}, step {s[2]}"
+            for r, (_, s) in enumerate(reports)
+            if s is not None
+        )
+        raise CheckpointError(
+            f"fit(resume=...): {path} is not the same checkpoint on every process ({seen}): "
+            "each node reads its own copy. Put the checkpoint directory on a filesystem all "
+            "nodes share"
+        )
+    return path, data
 
 
 def loader_generators(dl: Any) -> list[torch.Generator]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,20 +21,33 @@ from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from trainkit._batch import batch_size, canonical, check_loss, model_device, move_to, pair
 from trainkit.callbacks.base import HOOKS, Callback, StopTraining, overrides, sort_callbacks
+from trainkit.callbacks.checkpoint import ModelCheckpoint
 from trainkit.callbacks.nan import TerminateOnNaN
 from trainkit.callbacks.progress import ProgressBar
 from trainkit.checkpoint import (
     Checkpoint,
     CheckpointError,
     loader_generators,
+    own_rank_state,
+    read_agreed,
     restore_run,
-    resume_path,
     rng_state,
     set_rng_state,
 )
 from trainkit.compiling import compile_step
 from trainkit.data import fast_loader, set_epoch
-from trainkit.distributed import is_distributed, rank, world_size
+from trainkit.distributed import (
+    Preempted,
+    StopVote,
+    barrier,
+    broadcast_buffers,
+    convert_sync_batchnorm,
+    is_distributed,
+    is_main_process,
+    rank,
+    warn_data_setup,
+    world_size,
+)
 from trainkit.metrics import (
     SYNCED,
     ConfusionMatrix,
@@ -125,6 +140,7 @@ def fit(
     terminate_on_nan: bool = True,
     resume: str | os.PathLike[str] | None = None,
     fast_loaders: bool = True,
+    sync_batchnorm: bool = False,
 ) -> History:
     """Train `model` for `epochs` epochs, validating after each: the tutorial's `fit`, kept.
 
@@ -188,6 +204,14 @@ def fit(
             continue from: model, optimizer, scheduler, scaler, callbacks, History, random
             generators and the position in the epoch are restored, and the batches after it are
             the ones the uninterrupted run would have seen. `epochs` is the run's total.
+            `"auto"`: the `last.ckpt` of the run's `ModelCheckpoint` if there is one, else a
+            new run (the one line a restarted job needs; any other path that holds nothing is
+            an error). Under a process group rank 0 decides and every rank resumes from that
+            file, each with its own random states and running loss, or all fail with one error.
+        sync_batchnorm: Under a process group whose backend supports it (nccl), convert the
+            model's BatchNorm layers to `SyncBatchNorm` (statistics over every process's batch)
+            in place; refused under gloo; nothing to do in one process. Without it, BatchNorm's
+            running statistics are broadcast from rank 0 before validation and each save.
         fast_loaders: Build the batches of a `DataLoader` over a `TensorDataset` (default
             collate, no workers; also inside `WrappedDataLoader`/`DeviceDataLoader`) by
             indexing its tensors instead of sample by sample: the same batches and random
@@ -197,7 +221,10 @@ def fit(
     Ctrl-C while training is deferred to the end of the next optimizer step (with
     `accumulate`, the end of the accumulation group; during validation, the end of the batch; a
     second Ctrl-C interrupts at once), so a `ModelCheckpoint` can save the last completed step
-    before the `KeyboardInterrupt` propagates.
+    before the `KeyboardInterrupt` propagates. SIGTERM (how schedulers stop a job) does the
+    same, then raises `Preempted` (a `SystemExit` with status 143). Under a process group, both
+    signals stop every process after the same optimizer step (a second one does not stop a
+    process at once: the others would wait for it), and fit raises `Preempted`.
 
     Returns:
         The `History` of the run: one record per completed epoch; `history.status` is
@@ -235,12 +262,14 @@ def fit(
         ...               scheduler_monitor="val_accuracy", progress=False)
     """
     _check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
+    warn_data_setup(train_dl, valid_dl)  # on the loaders as given, before any fast path
     if fast_loaders:  # bitwise the same batches, without per-sample Python (trainkit.fastpath)
         train_dl = fast_loader(train_dl)
         valid_dl = fast_loader(valid_dl) if valid_dl is not None else None
     if device is not None:
         model.to(device)
     dev = model_device(model) if device is None else canonical(torch.device(device))
+    convert_sync_batchnorm(model, sync_batchnorm)
     run = _Run.build(
         model, loss_func, opt, dev, scheduler, scheduler_interval, amp, accumulate,
         clip_grad_norm, clip_grad_value, channels_last, compile,
@@ -338,56 +367,137 @@ def _plateau_monitor(
     return monitor or ("val_loss" if valid_dl is not None else "train_loss")
 
 
-def _resume(state: TrainState, resume: str | os.PathLike[str]) -> Checkpoint:
-    """Restore a run from its checkpoint: everything in it, and the training loader, is checked
-    before anything is restored; the random generators are set here at an epoch's end, or by
-    `_start_epoch` when replaying an interrupted epoch."""
-    ckpt = restore_run(resume_path(resume), state)
+def _resume(state: TrainState, resume: str | os.PathLike[str]) -> Checkpoint | None:
+    """Restore a run from its checkpoint (`None`: `resume="auto"` found none, start fresh).
+
+    Every process resumes from the same file, or all fail with one error (`read_agreed`); each
+    takes its own random states and running loss from it. Everything in it, and the training
+    loader, is checked before anything is restored; the random generators are set here at an
+    epoch's end, or by `_start_epoch` when replaying an interrupted epoch."""
+    auto = isinstance(resume, str) and resume == "auto"
+    target = _checkpoint_dir(state) if auto else resume
+    found = read_agreed(target, state.device, missing_ok=auto)
+    if found is None:
+        if is_main_process():
+            print(
+                f"trainkit: resume='auto': no last.ckpt in {target}; starting a new run",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+    path, data = found
+    ckpt = own_rank_state(restore_run(path, state, data))
     if ckpt.epoch_complete:
         set_rng_state(ckpt.rng)
         state.metrics = dict(state.history[-1]) if len(state.history) else {}
     return ckpt
 
 
-def _defer_sigint(state: TrainState) -> Callable[[], None]:
-    """Make Ctrl-C stop the run after the next optimizer step; return the undo.
+def _checkpoint_dir(state: TrainState) -> Path:
+    """The directory `resume="auto"` looks in: that of the run's one `ModelCheckpoint`."""
+    found = [cb for cb in state.callbacks if isinstance(cb, ModelCheckpoint)]
+    if len(found) != 1:
+        raise ValueError(
+            "fit(resume='auto') resumes from the last.ckpt of the run's ModelCheckpoint; this "
+            f"run has {len(found)} ModelCheckpoint callbacks. Pass one, or pass resume=PATH"
+        )
+    return found[0].dirpath
 
-    While training, the first Ctrl-C lets the current accumulation group finish: a hook on the
-    optimizer sets `state.interrupted` after its next `step()`, and the loop raises
+
+def _defer_sigint(state: TrainState) -> Callable[[], None]:
+    """Make Ctrl-C and SIGTERM stop the run after an optimizer step; return the undo.
+
+    One process: the first Ctrl-C (or SIGTERM) lets the current accumulation group finish: a
+    hook on the optimizer sets `state.interrupted` after its next `step()`, and the loop raises
     `KeyboardInterrupt` at the end of that batch, so a checkpoint holds the last completed
     optimizer step (never half a group's gradients). While validating (the model in eval mode)
-    the run stops after the current batch. A second Ctrl-C interrupts at once.
+    the run stops after the current batch. A second Ctrl-C interrupts at once; a second SIGTERM
+    changes nothing.
+
+    Under a process group, SIGINT (which torchrun turns into SIGTERM 1 ms later) and SIGTERM
+    only mark this process; the processes agree on the step to stop after through
+    `StopVote` (see there: no wait per step) and all stop after the same optimizer step.
+
+    After a stop by SIGTERM, or by any signal under a process group, the undo (called in
+    `fit`'s `finally`, after `on_exception` let `ModelCheckpoint` save) waits until every
+    process got there, prints one line on rank 0, and raises `Preempted`.
     """
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        return lambda: None  # someone else handles Ctrl-C: leave it to them
+    vote = StopVote() if is_distributed() else None  # on every rank: creating it may be collective
+    received: list[int] = []  # the signals this process took, in order
     after_step: list[torch.utils.hooks.RemovableHandle] = []
 
     def stop(*_: Any) -> None:
         state.interrupted = True
 
+    def voted(*_: Any) -> None:
+        assert vote is not None
+        if vote.after_step():
+            state.interrupted = True
+
+    if vote is not None:
+        after_step.append(state.opt.register_step_post_hook(voted))
+
     def handler(signum: int, frame: Any) -> None:
-        if state.interrupted or after_step:  # the second Ctrl-C: now
-            raise KeyboardInterrupt
+        if vote is not None:  # every rank stops after the step they agree on
+            received.append(signum)
+            vote.request(signum)
+            return
+        again = bool(received)
+        received.append(signum)
+        if again:
+            if signum == signal.SIGINT:  # the second Ctrl-C: now
+                raise KeyboardInterrupt
+            return  # a stop is already on its way
         if not state.model.training:  # validating: no step to finish
             state.interrupted = True
             return
         after_step.append(state.opt.register_step_post_hook(stop))
+        what = b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"
         # os.write: print() from a signal handler may re-enter a stream the loop is writing to
         os.write(
             2,
-            b"\ntrainkit: Ctrl-C: stopping after the next optimizer step (the end of the "
+            b"\ntrainkit: " + what + b": stopping after the next optimizer step (the end of the "
             b"accumulation group), so a checkpoint holds a completed step; Ctrl-C again stops "
             b"at once\n",
         )
 
-    signal.signal(signal.SIGINT, handler)
+    defaults: dict[signal.Signals, Callable[[int, Any], Any] | signal.Handlers] = {
+        signal.SIGINT: signal.default_int_handler,
+        signal.SIGTERM: signal.SIG_DFL,
+    }
+    # someone else handling a signal keeps it
+    ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
+    for signum in ours:
+        signal.signal(signum, handler)
+        signal.siginterrupt(signum, False)  # system calls resume after the handler ran
 
     def restore() -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum in ours:
+            signal.signal(signum, defaults[signum])
         for handle in after_step:
             handle.remove()
+        stopped = state.status == "failed" and isinstance(state.exception, KeyboardInterrupt)
+        if vote is not None and not stopped and state.status != "failed":
+            vote.finish()
+        taken = vote.agreed if vote is not None else (received[0] if received else 0)
+        if not (stopped and state.interrupted and taken):
+            return
+        if vote is None and taken == signal.SIGINT:
+            return  # Ctrl-C in one process: the KeyboardInterrupt goes on
+        if vote is not None:
+            barrier()  # no process exits before rank 0 wrote its checkpoint
+        if is_main_process():
+            name = signal.Signals(taken).name
+            print(
+                f"trainkit: {name}: stopped after optimizer step {state.global_step} (epoch "
+                f"{state.epoch + 1}, batch {state.batches_done}) on all {world_size()} "
+                f"process(es); exiting with status {128 + taken}",
+                file=sys.stderr,
+                flush=True,
+            )
+        raise Preempted(taken, state.global_step) from state.exception
 
     return restore
 
@@ -559,6 +669,7 @@ def _train_epoch(
     }
     tensors: dict[str, Tensor] = {}
     if state.valid_dl is not None:
+        broadcast_buffers(model)  # every rank validates rank 0's BatchNorm statistics
         model.eval()
         figures, tensors = _evaluate(
             run.evaluate_forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
@@ -651,6 +762,7 @@ def evaluate(
     device: torch.device | str | None = None,
     callbacks: Sequence[Callback] = (),
     fast_loaders: bool = True,
+    sync: bool = True,
 ) -> dict[str, float]:
     """The loss and metrics of `model` over `dl`, without training (the Quickstart's test loop).
 
@@ -667,6 +779,12 @@ def evaluate(
             `on_evaluate_batch_end` and `on_evaluate_end` hooks run, each with an `EvalState`
             (a hook may replace `state.xb`/`state.yb` in `on_evaluate_batch_start`).
         fast_loaders: As for `fit`: `False` iterates `dl` as given.
+        sync: Under a process group, `evaluate` is a collective: every process must call it,
+            each over its shard (`ShardSampler`), and the figures are summed over all of them;
+            a process calling it alone waits for the others until the group's timeout.
+            `sync=False`: this process's batches only, no collectives, for calling it on one
+            rank (rank 0 over the whole test set). No effect in one process. (A torchmetrics
+            metric syncs itself in `compute`: build it with `sync_on_compute=False` there.)
 
     Returns:
         `{"loss": ..., "<metric name>": ...}` as Python floats. Metrics whose result has more
@@ -702,7 +820,7 @@ def evaluate(
     model.eval()
     try:
         results, _ = _evaluate(
-            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks
+            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks, sync=sync
         )
         if state is not None and hooks["on_evaluate_end"]:
             state.metrics = dict(results)
@@ -728,6 +846,8 @@ def _evaluate(
     names: tuple[str, str, str] = _VALIDATION_HOOKS,
     hooks: dict[str, list[Callable[..., None]]] | None = None,
     autocast: torch.autocast | None = None,
+    *,
+    sync: bool = True,
 ) -> tuple[dict[str, float], dict[str, Tensor]]:
     """One pass over `dl` under `no_grad`: the loss and metrics, with the `names` hooks."""
     loss = Mean()
@@ -757,7 +877,7 @@ def _evaluate(
                     raise KeyboardInterrupt
     if loss.count == 0:
         raise ValueError(f"{arg}: the loader yielded no batches")
-    if is_distributed():  # sum over the processes' shards (torchmetrics' sync in compute)
+    if sync and is_distributed():  # sum over the processes' shards (as torchmetrics' sync)
         to_sync: list[object] = [loss, *metrics.values()]
         for item in to_sync:
             if isinstance(item, SYNCED):
@@ -785,6 +905,9 @@ def predict(
 
     Batches may be inputs alone or `(xb, yb)` pairs (the targets are ignored). Runs under
     `torch.no_grad()` in eval mode, and puts the model back in the mode it was in.
+    It runs no collectives: under a process group each process predicts its own loader's
+    batches, and it may be called on one rank alone (pass the plain module, not a
+    `DistributedDataParallel` wrapper, whose forward may broadcast buffers).
 
     Args:
         model: The model; its outputs must be tensors.

@@ -274,7 +274,7 @@ class ModelCheckpoint(Callback):
             isinstance(exc, KeyboardInterrupt) and self._at_step_boundary and state.batches_done
         ):
             return
-        if self._write(self.last_path, state, epoch_complete=False):
+        if self._write(self.last_path, state, epoch_complete=False) and is_main_process():
             print(f"interrupted: saved {self.last_path}", file=sys.stderr, flush=True)
 
     def on_fit_end(self, state: TrainState) -> None:
@@ -317,14 +317,16 @@ class ModelCheckpoint(Callback):
     def _write(
         self, path: Path, state: TrainState, *, epoch_complete: bool, best: bool = False
     ) -> bool:
-        if not is_main_process():
-            return True  # rank 0 writes the same file; the others keep the same bookkeeping
+        # every rank checks (the same weights under DDP) and takes part in save_run (which
+        # gathers each rank's random state and running loss); only rank 0 writes
         params = [p.detach() for p in state.model.parameters()]
         if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
-            print(f"ModelCheckpoint: weights not finite; {path} not written", file=sys.stderr)
+            if is_main_process():
+                print(f"ModelCheckpoint: weights not finite; {path} not written", file=sys.stderr)
             return False
         if best and self.save_weights_only:
-            save_weights(path, state.model)
+            if is_main_process():
+                save_weights(path, state.model)
         else:
             save_run(path, state, epoch_complete=epoch_complete)
         return True
