@@ -389,6 +389,7 @@ class StopVote:
         self._work: Any = None
 
     def request(self, signum: int) -> None:
+        """Record that this process received `signum` (the vote after a step carries it)."""
         self.requested = max(self.requested, signum)
 
     def after_step(self) -> bool:
