@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 import torch
+from torch import Tensor
 from torch.utils.data import TensorDataset
+
+HOST_READS = ("item", "tolist", "__bool__", "cpu", "numpy", "__float__", "__int__")
+"""The Tensor methods that read a value back from the device (a sync on a GPU)."""
 
 
 def make_images(n: int, *, seed: int = 0, noise: float = 0.5) -> TensorDataset:
@@ -36,3 +43,23 @@ def images() -> tuple[TensorDataset, TensorDataset]:
 @pytest.fixture
 def tabular() -> tuple[TensorDataset, TensorDataset]:
     return make_tabular(256, seed=0), make_tabular(128, seed=1)
+
+
+@pytest.fixture
+def host_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Counts of every `HOST_READS` call on any tensor while the test runs (reset by the test
+    with `counts.update(dict.fromkeys(counts, 0))`)."""
+    counts = dict.fromkeys(HOST_READS, 0)
+
+    def counting(name: str) -> Any:
+        original = getattr(Tensor, name)
+
+        def wrapper(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(Tensor, name, counting(name))
+    yield counts
