@@ -25,7 +25,7 @@ from common import interleaved, machine, table
 from torch import nn, optim
 
 from trainkit import load_checkpoint, save_checkpoint
-from trainkit.checkpoint import _verify_archive
+from trainkit._archive import verify_archive
 
 
 def main() -> None:
@@ -58,7 +58,7 @@ def main() -> None:
 
         variants = {
             "torch.load + load_state_dict (no checks)": unchecked,
-            "archive check only (CRC-32 of every record)": lambda: _verify_archive(path),
+            "archive check only (CRC-32 of every record)": lambda: verify_archive(path),
             "load_checkpoint (all checks, then restore)": checked,
         }
         times = interleaved(variants, args.reps)

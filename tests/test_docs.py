@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import re
@@ -145,18 +146,32 @@ def test_returns_tables_have_one_row_per_docstring(site: Path) -> None:
             rows = table.count('<tr class="doc-section-item">')
             assert rows == 1, f"{path.name}: a Returns table of {rows} rows:\n{table}"
     assert tables >= 20  # every public function that returns something
-    loop = (site / "reference" / "loop.html").read_text()
-    assert re.search(r"as Python floats. Metrics whose result has more\s+than one element", loop)
+    page = (site / "reference" / "evaluation.html").read_text()
+    assert re.search(r"as Python floats. Metrics whose result has more\s+than one element", page)
 
 
 def defining_module(name: str) -> str:
-    """The trainkit module whose source defines `name` (aliases have no `__module__`)."""
+    """The trainkit module whose source defines `name` (aliases have no `__module__`); for a
+    name defined in an internal module (`trainkit._types`), the public module exporting it."""
     for path in sorted((ROOT / "src" / "trainkit").rglob("*.py")):
         pattern = rf"^(class {name}\b|def {name}\b|{name}(: [^=]+)? = )"
         if re.search(pattern, path.read_text(), re.M):
             parts = path.relative_to(ROOT / "src").with_suffix("").parts
+            if parts[1].startswith("_") and parts[1] != "__init__":
+                return exporting_module(name)
             return ".".join(parts[:2])  # trainkit.callbacks.progress -> trainkit.callbacks
     raise AssertionError(f"{name} is defined nowhere in src/trainkit")
+
+
+def exporting_module(name: str) -> str:
+    """The one public trainkit module (not the package) whose `__all__` holds `name`."""
+    src = ROOT / "src" / "trainkit"
+    paths = [*src.glob("*.py"), *(p.parent for p in src.glob("*/__init__.py"))]
+    modules = [f"trainkit.{p.stem}" for p in paths]
+    public = [m for m in modules if not m.split(".")[1].startswith("_")]
+    found = [m for m in public if name in getattr(importlib.import_module(m), "__all__", ())]
+    assert len(found) == 1, (name, found)
+    return found[0]
 
 
 def test_one_reference_page_per_module_loop_first_and_fit_first(site: Path) -> None:

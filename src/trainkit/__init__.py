@@ -39,9 +39,10 @@ from trainkit.data import (
 )
 from trainkit.datasets import CustomImageDataset, DatasetError, fashion_mnist
 from trainkit.distributed import Preempted
+from trainkit.evaluation import evaluate, predict
 from trainkit.fastpath import FastTensorLoader, why_not_fast
 from trainkit.layers import Lambda
-from trainkit.loop import Amp, LossFn, Scheduler, evaluate, fit, loss_batch, predict
+from trainkit.loop import Amp, LossFn, Scheduler, fit, loss_batch
 from trainkit.lr_finder import LRFinderResult, lr_find
 from trainkit.metrics import (
     Accuracy,

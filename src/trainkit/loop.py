@@ -1,45 +1,35 @@
-"""The training loop: `loss_batch`, `fit`, `evaluate`, `predict`, and nothing else."""
+"""The training loop: `loss_batch` and `fit`, and nothing else (`evaluate` and `predict` are in
+`trainkit.evaluation`)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from trainkit._batch import batch_size, canonical, check_loss, model_device, move_to, pair
-from trainkit.callbacks.base import HOOKS, Callback, StopTraining, overrides, sort_callbacks
+from trainkit._hooks import call, call_in_step, hook_lists, note_failure
+from trainkit._interrupt import defer_sigint
+from trainkit._options import Run, check_fit_args
+from trainkit._rng import rng_state, set_rng_state
+from trainkit._run_state import loader_generators, own_rank_state, read_agreed, restore_run
+from trainkit._types import LossFn, Scheduler
+from trainkit.callbacks.base import Callback, StopTraining, sort_callbacks
 from trainkit.callbacks.checkpoint import ModelCheckpoint
 from trainkit.callbacks.nan import TerminateOnNaN
 from trainkit.callbacks.progress import ProgressBar
-from trainkit.checkpoint import (
-    Checkpoint,
-    CheckpointError,
-    loader_generators,
-    own_rank_state,
-    read_agreed,
-    restore_run,
-    rng_state,
-    set_rng_state,
-)
-from trainkit.compiling import compile_step
+from trainkit.checkpoint import Checkpoint, CheckpointError
 from trainkit.data import fast_loader, set_epoch
 from trainkit.distributed import (
-    Preempted,
-    StopVote,
-    barrier,
     broadcast_buffers,
     convert_sync_batchnorm,
     is_distributed,
@@ -48,8 +38,8 @@ from trainkit.distributed import (
     warn_data_setup,
     world_size,
 )
+from trainkit.evaluation import VALIDATION_HOOKS, evaluate_pass
 from trainkit.metrics import (
-    SYNCED,
     ConfusionMatrix,
     Mean,
     Metric,
@@ -58,14 +48,11 @@ from trainkit.metrics import (
     move_metrics,
     named_metrics,
 )
-from trainkit.state import EvalState, History, TrainState
+from trainkit.state import History, TrainState
 
-__all__ = ["Amp", "LossFn", "Scheduler", "evaluate", "fit", "loss_batch", "predict"]
+__all__ = ["Amp", "LossFn", "Scheduler", "fit", "loss_batch"]
 
 _NULL = contextlib.nullcontext()
-
-LossFn = Callable[[Any, Any], Tensor]
-"""A loss function `loss_func(output, target) -> 0-dim tensor`, such as `F.cross_entropy`."""
 
 
 def loss_batch(
@@ -111,9 +98,6 @@ def loss_batch(
 Amp = Literal["bf16", "fp16"]
 """Mixed precision for `fit(amp=...)`: `"bf16"` (CPU and CUDA autocast) or `"fp16"` (CUDA,
 with a `torch.amp.GradScaler`)."""
-
-Scheduler = LRScheduler | ReduceLROnPlateau
-"""A learning-rate scheduler `fit` can step: any `torch.optim.lr_scheduler` scheduler."""
 
 
 def fit(
@@ -261,7 +245,7 @@ def fit(
         ...               metrics=[accuracy], scheduler=plateau,
         ...               scheduler_monitor="val_accuracy", progress=False)
     """
-    _check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
+    check_fit_args(epochs, model, opt, train_dl, valid_dl, metrics)
     warn_data_setup(train_dl, valid_dl)  # on the loaders as given, before any fast path
     if fast_loaders:  # bitwise the same batches, without per-sample Python (trainkit.fastpath)
         train_dl = fast_loader(train_dl)
@@ -270,7 +254,7 @@ def fit(
         model.to(device)
     dev = model_device(model) if device is None else canonical(torch.device(device))
     convert_sync_batchnorm(model, sync_batchnorm)
-    run = _Run.build(
+    run = Run.build(
         model, loss_func, opt, dev, scheduler, scheduler_interval, amp, accumulate,
         clip_grad_norm, clip_grad_value, channels_last, compile,
     )  # fmt: skip
@@ -284,7 +268,7 @@ def fit(
     if progress is not False and ProgressBar not in given:  # the caller's own bar replaces ours
         extra.append(ProgressBar(force_bar=progress is True))
     cbs = sort_callbacks([*callbacks, *extra])
-    hooks = _hooks(cbs)
+    hooks = hook_lists(cbs)
     state = TrainState(
         model, loss_func, opt, train_dl, valid_dl, epochs, dev,
         scheduler=scheduler, scaler=run.scaler, callbacks=cbs,
@@ -292,9 +276,9 @@ def fit(
     )  # fmt: skip
     if run.plateau_monitor is not None:
         state.check_monitor(run.plateau_monitor, "fit(scheduler_monitor=...)")
-    restore_sigint = _defer_sigint(state)
+    restore_sigint = defer_sigint(state)
     try:
-        _call(hooks["on_fit_start"], state)
+        call(hooks["on_fit_start"], state)
         ckpt = _resume(state, resume) if resume is not None else None
         start = 0 if ckpt is None else ckpt.epoch + ckpt.epoch_complete
         opt.zero_grad()  # gradients left by code run before fit must not leak into its first step
@@ -314,9 +298,9 @@ def fit(
                 "its error is the cause"
             )
         for on_exception in hooks["on_exception"]:
-            _note_failure(exc, on_exception, state, exc)
+            note_failure(exc, on_exception, state, exc)
         for on_fit_end in hooks["on_fit_end"]:
-            _note_failure(exc, on_fit_end, state)
+            note_failure(exc, on_fit_end, state)
         raise
     finally:
         restore_sigint()
@@ -324,7 +308,7 @@ def fit(
     failed: Exception | None = None
     for on_fit_end in hooks["on_fit_end"]:  # a stop requested here has nothing left to stop
         if failed is not None:  # every one runs: a later callback may release a lock, a file
-            _note_failure(failed, on_fit_end, state)
+            note_failure(failed, on_fit_end, state)
             continue
         try:
             on_fit_end(state)
@@ -333,11 +317,6 @@ def fit(
     if failed is not None:
         raise failed
     return state.history
-
-
-def _hooks(callbacks: Sequence[Callback]) -> dict[str, list[Callable[..., None]]]:
-    """Each hook's bound methods, of the callbacks that override it, in firing order."""
-    return {name: [getattr(cb, name) for cb in callbacks if overrides(cb, name)] for name in HOOKS}
 
 
 def _recorded_names(valid_dl: Iterable[Any] | None, metrics: dict[str, Metric]) -> tuple[str, ...]:
@@ -404,203 +383,11 @@ def _checkpoint_dir(state: TrainState) -> Path:
     return found[0].dirpath
 
 
-def _defer_sigint(state: TrainState) -> Callable[[], None]:
-    """Make Ctrl-C and SIGTERM stop the run after an optimizer step; return the undo.
-
-    One process: the first Ctrl-C (or SIGTERM) lets the current accumulation group finish: a
-    hook on the optimizer sets `state.interrupted` after its next `step()`, and the loop raises
-    `KeyboardInterrupt` at the end of that batch, so a checkpoint holds the last completed
-    optimizer step (never half a group's gradients). While validating (the model in eval mode)
-    the run stops after the current batch. A second Ctrl-C interrupts at once; a second SIGTERM
-    changes nothing.
-
-    Under a process group, SIGINT (which torchrun turns into SIGTERM 1 ms later) and SIGTERM
-    only mark this process; the processes agree on the step to stop after through
-    `StopVote` (see there: no wait per step) and all stop after the same optimizer step.
-
-    After a stop by SIGTERM, or by any signal under a process group, the undo (called in
-    `fit`'s `finally`, after `on_exception` let `ModelCheckpoint` save) waits until every
-    process got there, prints one line on rank 0, and raises `Preempted`.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    vote = StopVote() if is_distributed() else None  # on every rank: creating it may be collective
-    received: list[int] = []  # the signals this process took, in order
-    after_step: list[torch.utils.hooks.RemovableHandle] = []
-
-    def stop(*_: Any) -> None:
-        state.interrupted = True
-
-    def voted(*_: Any) -> None:
-        assert vote is not None
-        if vote.after_step():
-            state.interrupted = True
-
-    if vote is not None:
-        after_step.append(state.opt.register_step_post_hook(voted))
-
-    def handler(signum: int, frame: Any) -> None:
-        if vote is not None:  # every rank stops after the step they agree on
-            received.append(signum)
-            vote.request(signum)
-            return
-        again = bool(received)
-        received.append(signum)
-        if again:
-            if signum == signal.SIGINT:  # the second Ctrl-C: now
-                raise KeyboardInterrupt
-            return  # a stop is already on its way
-        if not state.model.training:  # validating: no step to finish
-            state.interrupted = True
-            return
-        after_step.append(state.opt.register_step_post_hook(stop))
-        what = b"Ctrl-C" if signum == signal.SIGINT else b"SIGTERM"
-        # os.write: print() from a signal handler may re-enter a stream the loop is writing to
-        os.write(
-            2,
-            b"\ntrainkit: " + what + b": stopping after the next optimizer step (the end of the "
-            b"accumulation group), so a checkpoint holds a completed step; Ctrl-C again stops "
-            b"at once\n",
-        )
-
-    defaults: dict[signal.Signals, Callable[[int, Any], Any] | signal.Handlers] = {
-        signal.SIGINT: signal.default_int_handler,
-        signal.SIGTERM: signal.SIG_DFL,
-    }
-    # someone else handling a signal keeps it
-    ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
-    for signum in ours:
-        signal.signal(signum, handler)
-        signal.siginterrupt(signum, False)  # system calls resume after the handler ran
-
-    def restore() -> None:
-        for signum in ours:
-            signal.signal(signum, defaults[signum])
-        for handle in after_step:
-            handle.remove()
-        stopped = state.status == "failed" and isinstance(state.exception, KeyboardInterrupt)
-        if vote is not None and not stopped and state.status != "failed":
-            vote.finish()
-        taken = vote.agreed if vote is not None else (received[0] if received else 0)
-        if not (stopped and state.interrupted and taken):
-            return
-        if vote is None and taken == signal.SIGINT:
-            return  # Ctrl-C in one process: the KeyboardInterrupt goes on
-        if vote is not None:
-            barrier()  # no process exits before rank 0 wrote its checkpoint
-        if is_main_process():
-            name = signal.Signals(taken).name
-            print(
-                f"trainkit: {name}: stopped after optimizer step {state.global_step} (epoch "
-                f"{state.epoch + 1}, batch {state.batches_done}) on all {world_size()} "
-                f"process(es); exiting with status {128 + taken}",
-                file=sys.stderr,
-                flush=True,
-            )
-        raise Preempted(taken, state.global_step) from state.exception
-
-    return restore
-
-
-@dataclass
-class _Run:
-    """The options of one `fit`, checked and prepared once, read by every step."""
-
-    forward_loss: Callable[[Any, Any], tuple[Any, Any]]  # (model(xb), loss_func(output, yb))
-    evaluate_forward: Callable[[Any], Any]
-    ddp: DistributedDataParallel | None  # the DistributedDataParallel wrapper under a process group
-    scheduler: Scheduler | None
-    step_scheduler: bool  # per optimizer step rather than per epoch
-    autocast: torch.autocast | None
-    scaler: torch.amp.GradScaler | None
-    accumulate: int
-    clip_grad_norm: float | None
-    clip_grad_value: float | None
-    channels_last: bool
-    opt_step: Callable[[], object]  # opt.step, or compiled with compile=True (trainkit.compiling)
-    plateau_monitor: str | None = None  # what a ReduceLROnPlateau is stepped with
-
-    @classmethod
-    def build(
-        cls,
-        model: nn.Module,
-        loss_func: LossFn,
-        opt: Optimizer,
-        dev: torch.device,
-        scheduler: Scheduler | None,
-        scheduler_interval: str,
-        amp: str | None,
-        accumulate: int,
-        clip_grad_norm: float | None,
-        clip_grad_value: float | None,
-        channels_last: bool,
-        compile: bool,
-    ) -> _Run:
-        if scheduler_interval not in ("epoch", "step"):
-            raise ValueError(
-                "fit(scheduler_interval=...): expected 'epoch' or 'step', "
-                f"got {scheduler_interval!r}"
-            )
-        if scheduler is not None and getattr(scheduler, "optimizer", opt) is not opt:
-            raise ValueError("fit(scheduler=...): the scheduler was built for another optimizer")
-        if isinstance(scheduler, ReduceLROnPlateau) and scheduler_interval == "step":
-            raise ValueError("fit(scheduler=...): ReduceLROnPlateau steps per epoch, not per step")
-        if amp not in (None, "bf16", "fp16"):
-            raise ValueError(f"fit(amp=...): expected None, 'bf16' or 'fp16', got {amp!r}")
-        if amp == "fp16" and dev.type != "cuda":
-            raise ValueError(f"fit(amp='fp16') needs a CUDA device (model on {dev}); use 'bf16'")
-        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-            raise ValueError(f"fit(accumulate=...): expected an int >= 1, got {accumulate!r}")
-        for name, value in (
-            ("clip_grad_norm", clip_grad_norm),
-            ("clip_grad_value", clip_grad_value),
-        ):
-            if value is not None and not value > 0:
-                raise ValueError(f"fit({name}=...): expected a number > 0, got {value!r}")
-        if channels_last:
-            model.to(memory_format=torch.channels_last)
-        ddp = model if isinstance(model, DistributedDataParallel) else None
-        if ddp is None and is_distributed():
-            ddp = DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None
-            )
-        # validation runs the plain module: no collectives, so shards may differ in length
-        evaluate_forward: Callable[[Any], Any] = (
-            model.module if isinstance(model, DistributedDataParallel) else model
-        )
-        forward: Callable[[Any], Any] = ddp if ddp is not None else model
-
-        def eager_forward_loss(xb: Any, yb: Any) -> tuple[Any, Any]:
-            out = forward(xb)
-            return out, loss_func(out, yb)
-
-        forward_loss: Callable[[Any, Any], tuple[Any, Any]] = eager_forward_loss
-        opt_step: Callable[[], object] = opt.step
-        if compile:  # forward and loss (and so their backward), and the optimizer step
-            compiled = compile_step(forward_loss, evaluate_forward, opt, scheduler is not None)
-            forward_loss, evaluate_forward, opt_step = compiled
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp or "")
-        return cls(
-            forward_loss=forward_loss,
-            evaluate_forward=evaluate_forward,
-            ddp=ddp,
-            scheduler=scheduler,
-            step_scheduler=scheduler is not None and scheduler_interval == "step",
-            autocast=torch.autocast(dev.type, dtype=dtype) if dtype is not None else None,
-            scaler=torch.amp.GradScaler(dev.type) if amp == "fp16" else None,
-            accumulate=accumulate,
-            clip_grad_norm=clip_grad_norm,
-            clip_grad_value=clip_grad_value,
-            channels_last=channels_last,
-            opt_step=opt_step,
-        )
-
-
 def _train_epoch(
     state: TrainState,
     hooks: dict[str, list[Callable[..., None]]],
     metrics: dict[str, Metric],
-    run: _Run,
+    run: Run,
     resume: Checkpoint | None = None,
 ) -> None:
     model, loss_func, dev, forward_loss = (
@@ -617,7 +404,7 @@ def _train_epoch(
     full_groups_end = n - n % accumulate
     pending = 0
     started = time.perf_counter()
-    _call(hooks["on_epoch_start"], state)
+    call(hooks["on_epoch_start"], state)
     model.train()
     batches, train_loss = _start_epoch(state, resume)
     for step, batch in batches:
@@ -627,7 +414,7 @@ def _train_epoch(
             xb = xb.contiguous(memory_format=torch.channels_last)
         state.step, state.xb, state.yb = step, xb, yb
         if batch_start:
-            _call_in_step(batch_start, state)
+            call_in_step(batch_start, state)
         # under DDP, gradients are reduced only on the batch that ends an accumulation group
         no_sync = run.ddp is not None and pending + 1 < accumulate and step + 1 != n
         with run.ddp.no_sync() if no_sync else _NULL:  # type: ignore[union-attr]
@@ -642,7 +429,7 @@ def _train_epoch(
             torch.autograd.backward(scaler.scale(scaled) if scaler is not None else scaled)
         state.output, state.loss = out, loss.detach()
         if after_backward:
-            _call_in_step(after_backward, state)
+            call_in_step(after_backward, state)
         pending += 1
         if pending == accumulate or step + 1 == n:
             _optimizer_step(state, hooks, run)
@@ -650,7 +437,7 @@ def _train_epoch(
         train_loss.update(state.loss, batch_size(state.xb, state.yb))
         state.batches_done = step + 1
         if batch_end:
-            _call_in_step(batch_end, state)
+            call_in_step(batch_end, state)
         if state.interrupted:
             raise KeyboardInterrupt
         if state.should_stop:  # requested in one of this batch's hooks, all of which ran
@@ -659,7 +446,7 @@ def _train_epoch(
         raise ValueError("fit(train_dl=...): the training loader yielded no batches")
     if pending:  # a loader without a length ended inside an accumulation group
         _optimizer_step(state, hooks, run)
-    _call(hooks["on_train_epoch_end"], state)
+    call(hooks["on_train_epoch_end"], state)
     if is_distributed():
         train_loss.sync()  # the loss over every process's batches
     # epochs are numbered from 1 wherever a user reads them; state.epoch is the 0-based index
@@ -671,14 +458,14 @@ def _train_epoch(
     if state.valid_dl is not None:
         broadcast_buffers(model)  # every rank validates rank 0's BatchNorm statistics
         model.eval()
-        figures, tensors = _evaluate(
+        figures, tensors = evaluate_pass(
             run.evaluate_forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
-            state, _VALIDATION_HOOKS, hooks, autocast,
+            state, VALIDATION_HOOKS, hooks, autocast,
         )  # fmt: skip
         record.update({f"val_{name}": value for name, value in figures.items()})
         tensors = {f"val_{name}": value for name, value in tensors.items()}
         state.metrics = {**state.metrics, **record}
-        _call(hooks["on_validation_end"], state)
+        call(hooks["on_validation_end"], state)
     record["lr"] = float(state.opt.param_groups[0]["lr"])
     record["seconds"] = time.perf_counter() - started
     if run.scheduler is not None and not run.step_scheduler:
@@ -689,7 +476,7 @@ def _train_epoch(
             run.scheduler.step()
     state.history.append(record, tensors)
     state.metrics = dict(record)
-    _call(hooks["on_epoch_end"], state)
+    call(hooks["on_epoch_end"], state)
 
 
 def _start_epoch(
@@ -724,7 +511,7 @@ def _start_epoch(
 
 
 def _optimizer_step(
-    state: TrainState, hooks: dict[str, list[Callable[..., None]]], run: _Run
+    state: TrainState, hooks: dict[str, list[Callable[..., None]]], run: Run
 ) -> None:
     """Unscale, hooks, clip, step, hooks, zero_grad, per-step scheduler: one optimizer step."""
     opt, scaler = state.opt, run.scaler
@@ -732,7 +519,7 @@ def _optimizer_step(
     if scaler is not None:
         scaler.unscale_(opt)  # hooks and clipping see the true gradients
     if before_step:
-        _call_in_step(before_step, state)
+        call_in_step(before_step, state)
     if run.clip_grad_norm is not None or run.clip_grad_value is not None:
         params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
         if run.clip_grad_value is not None:
@@ -745,285 +532,9 @@ def _optimizer_step(
     else:
         run.opt_step()  # opt.step(), compiled with compile=True
     if before_zero_grad:  # the gradients as clipped and used by the step
-        _call_in_step(before_zero_grad, state)
+        call_in_step(before_zero_grad, state)
     opt.zero_grad()
     if run.step_scheduler:
         assert run.scheduler is not None and not isinstance(run.scheduler, ReduceLROnPlateau)
         run.scheduler.step()
     state.global_step += 1
-
-
-def evaluate(
-    model: nn.Module,
-    loss_func: LossFn,
-    dl: Iterable[Any],
-    metrics: MetricArg = (),
-    *,
-    device: torch.device | str | None = None,
-    callbacks: Sequence[Callback] = (),
-    fast_loaders: bool = True,
-    sync: bool = True,
-) -> dict[str, float]:
-    """The loss and metrics of `model` over `dl`, without training (the Quickstart's test loop).
-
-    Runs under `torch.no_grad()` in eval mode and puts the model back in the mode it was in.
-    The loss is averaged over samples (each batch weighted by its size, as the tutorial does).
-
-    Args:
-        model: The model.
-        loss_func: `loss_func(model(xb), yb)` must return a 0-dim tensor.
-        dl: Yields `(xb, yb)` pairs.
-        metrics: As for `fit`.
-        device: Where batches go; the model's device by default.
-        callbacks: `Callback`s whose `on_evaluate_start`, `on_evaluate_batch_start`,
-            `on_evaluate_batch_end` and `on_evaluate_end` hooks run, each with an `EvalState`
-            (a hook may replace `state.xb`/`state.yb` in `on_evaluate_batch_start`).
-        fast_loaders: As for `fit`: `False` iterates `dl` as given.
-        sync: Under a process group, `evaluate` is a collective: every process must call it,
-            each over its shard (`ShardSampler`), and the figures are summed over all of them;
-            a process calling it alone waits for the others until the group's timeout.
-            `sync=False`: this process's batches only, no collectives, for calling it on one
-            rank (rank 0 over the whole test set). No effect in one process. (A torchmetrics
-            metric syncs itself in `compute`: build it with `sync_on_compute=False` there.)
-
-    Returns:
-        `{"loss": ..., "<metric name>": ...}` as Python floats. Metrics whose result has more
-        than one element (`PerClassAccuracy`, `ConfusionMatrix`) are read from the metric
-        object itself afterwards (`per_class.compute()`, `per_class.report()`).
-
-    Raises:
-        ValueError: `dl` yielded no batches, or a loss that is not 0-dim.
-        TypeError: a batch that is not an `(input, target)` pair, or a callback that is not a
-            `Callback`.
-        Exception: an error raised by a callback (`StopTraining` too), unchanged.
-
-    Example:
-        >>> import torch.nn.functional as F
-        >>> from trainkit import accuracy, Callback
-        >>> model = nn.Linear(4, 2)
-        >>> test_dl = [(torch.randn(8, 4), torch.randint(0, 2, (8,)))]
-        >>> sorted(evaluate(model, F.cross_entropy, test_dl, [accuracy]))
-        ['accuracy', 'loss']
-        >>> class Show(Callback):
-        ...     def on_evaluate_end(self, state: EvalState) -> None:
-        ...         print(sorted(state.metrics))
-        >>> _ = evaluate(model, F.cross_entropy, test_dl, callbacks=[Show()])
-        ['loss']
-    """
-    named = named_metrics(metrics)
-    dev = model_device(model) if device is None else canonical(torch.device(device))
-    move_metrics(named, dev)
-    dl = fast_loader(dl) if fast_loaders else dl
-    hooks = _hooks(sort_callbacks(callbacks))
-    state = EvalState(model, dl, dev, loss_func) if callbacks else None
-    was_training = model.training
-    model.eval()
-    try:
-        results, _ = _evaluate(
-            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks, sync=sync
-        )
-        if state is not None and hooks["on_evaluate_end"]:
-            state.metrics = dict(results)
-            with torch.no_grad():
-                _call_eval(hooks["on_evaluate_end"], state)
-        return results
-    finally:
-        model.train(was_training)
-
-
-_VALIDATION_HOOKS = ("on_validation_start", "on_validation_batch_start", "on_validation_batch_end")
-_EVALUATE_HOOKS = ("on_evaluate_start", "on_evaluate_batch_start", "on_evaluate_batch_end")
-
-
-def _evaluate(
-    model: Callable[[Any], Any],
-    loss_func: LossFn,
-    dl: Iterable[Any],
-    arg: str,
-    dev: torch.device,
-    metrics: dict[str, Metric],
-    state: TrainState | EvalState | None = None,
-    names: tuple[str, str, str] = _VALIDATION_HOOKS,
-    hooks: dict[str, list[Callable[..., None]]] | None = None,
-    autocast: torch.autocast | None = None,
-    *,
-    sync: bool = True,
-) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """One pass over `dl` under `no_grad`: the loss and metrics, with the `names` hooks."""
-    loss = Mean()
-    for m in metrics.values():
-        m.reset()
-    start, batch_start, batch_end = ([], [], []) if hooks is None else (hooks[n] for n in names)
-    with torch.no_grad():
-        if start and state is not None:
-            _call_any(start, state)
-        for step, batch in enumerate(dl):
-            xb, yb = pair(batch, arg)
-            xb, yb = move_to(xb, dev), move_to(yb, dev)
-            if batch_start and state is not None:
-                state.step, state.xb, state.yb = step, xb, yb
-                _call_any(batch_start, state)
-                xb, yb = state.xb, state.yb
-            with autocast or _NULL:
-                out = model(xb)
-                loss.update(check_loss(loss_func(out, yb), loss_func), batch_size(xb, yb))
-                for m in metrics.values():
-                    m.update(out, yb)
-            if state is not None:
-                state.step, state.xb, state.yb, state.output = step, xb, yb, out
-                if batch_end:
-                    _call_any(batch_end, state)
-                if isinstance(state, TrainState) and state.interrupted:
-                    raise KeyboardInterrupt
-    if loss.count == 0:
-        raise ValueError(f"{arg}: the loader yielded no batches")
-    if sync and is_distributed():  # sum over the processes' shards (as torchmetrics' sync)
-        to_sync: list[object] = [loss, *metrics.values()]
-        for item in to_sync:
-            if isinstance(item, SYNCED):
-                item.sync()
-    # The read-backs from the device: once per validation pass.
-    scalars, tensors = {"loss": float(loss.compute())}, {}
-    for name, metric in metrics.items():
-        value = torch.as_tensor(metric.compute())
-        if value.numel() == 1:
-            scalars[name] = float(value)
-        else:
-            tensors[name] = value.detach().cpu()
-    return scalars, tensors
-
-
-def predict(
-    model: nn.Module,
-    dl: Iterable[Any],
-    *,
-    device: torch.device | str | None = None,
-    callbacks: Sequence[Callback] = (),
-    fast_loaders: bool = True,
-) -> Tensor:
-    """The model's outputs over `dl`, concatenated along the first dimension.
-
-    Batches may be inputs alone or `(xb, yb)` pairs (the targets are ignored). Runs under
-    `torch.no_grad()` in eval mode, and puts the model back in the mode it was in.
-    It runs no collectives: under a process group each process predicts its own loader's
-    batches, and it may be called on one rank alone (pass the plain module, not a
-    `DistributedDataParallel` wrapper, whose forward may broadcast buffers).
-
-    Args:
-        model: The model; its outputs must be tensors.
-        dl: Yields input batches or `(xb, yb)` pairs.
-        device: Where batches go; the model's device by default.
-        callbacks: `Callback`s whose `on_predict_start`, `on_predict_batch_start`,
-            `on_predict_batch_end` and `on_predict_end` hooks run, each with an `EvalState`
-            (a hook may replace `state.xb` in `on_predict_batch_start`).
-        fast_loaders: As for `fit`: `False` iterates `dl` as given.
-
-    Returns:
-        A tensor with one row per sample, on the model's device.
-
-    Raises:
-        ValueError: `dl` yielded no batches.
-        TypeError: a callback that is not a `Callback`.
-        Exception: an error raised by a callback (`StopTraining` too), unchanged.
-
-    Example:
-        >>> from trainkit import Callback
-        >>> model = nn.Linear(4, 3)
-        >>> predict(model, [torch.randn(8, 4), torch.randn(2, 4)]).shape
-        torch.Size([10, 3])
-        >>> class Sizes(Callback):
-        ...     def on_predict_batch_end(self, state: EvalState) -> None:
-        ...         print(state.step, tuple(state.output.shape))
-        >>> _ = predict(model, [torch.randn(8, 4), torch.randn(2, 4)], callbacks=[Sizes()])
-        0 (8, 3)
-        1 (2, 3)
-    """
-    dev = model_device(model) if device is None else canonical(torch.device(device))
-    dl = fast_loader(dl) if fast_loaders else dl
-    hooks = _hooks(sort_callbacks(callbacks))
-    state = EvalState(model, dl, dev)
-    was_training = model.training
-    model.eval()
-    outputs: list[Tensor] = []
-    try:
-        with torch.no_grad():
-            _call_eval(hooks["on_predict_start"], state)
-            for step, batch in enumerate(dl):
-                xb = batch[0] if isinstance(batch, tuple | list) else batch
-                xb = move_to(xb, dev)
-                if hooks["on_predict_batch_start"]:
-                    state.step, state.xb = step, xb
-                    _call_eval(hooks["on_predict_batch_start"], state)
-                    xb = state.xb
-                outputs.append(model(xb))
-                if hooks["on_predict_batch_end"]:
-                    state.step, state.xb, state.output = step, xb, outputs[-1]
-                    _call_eval(hooks["on_predict_batch_end"], state)
-            _call_eval(hooks["on_predict_end"], state)
-    finally:
-        model.train(was_training)
-    if not outputs:
-        raise ValueError("predict(dl=...): the loader yielded no batches")
-    return torch.cat(outputs)
-
-
-def _call(hooks: list[Callable[..., None]], state: TrainState) -> None:
-    """Run an event's hooks; a stop requested by any lets the others run, then stops the run."""
-    _call_in_step(hooks, state)
-    if state.should_stop:
-        raise StopTraining(state.stop_reason)
-
-
-def _call_eval(hooks: list[Callable[..., None]], state: EvalState) -> None:
-    for hook in hooks:
-        hook(state)
-
-
-def _call_any(hooks: list[Callable[..., None]], state: TrainState | EvalState) -> None:
-    if isinstance(state, TrainState):
-        _call(hooks, state)
-    else:
-        _call_eval(hooks, state)
-
-
-def _call_in_step(hooks: list[Callable[..., None]], state: TrainState) -> None:
-    """Run the hooks of an event inside a training step: a stop is acted on after the step."""
-    for hook in hooks:
-        try:
-            hook(state)
-        except StopTraining as stop:  # as Keras' stop_training flag: finish, then stop
-            state.stop(str(stop))
-
-
-def _note_failure(exc: BaseException, hook: Callable[..., None], *args: Any) -> None:
-    # A hook failing while the run fails must not hide the original error: note it instead.
-    try:
-        hook(*args)
-    except Exception as err:
-        exc.add_note(f"trainkit: {hook.__qualname__} also failed: {type(err).__name__}: {err}")
-
-
-def _check_fit_args(
-    epochs: int,
-    model: nn.Module,
-    opt: Optimizer,
-    train_dl: Iterable[Any],
-    valid_dl: Iterable[Any] | None,
-    metrics: MetricArg,
-) -> None:
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"fit(epochs=...): epochs must be an integer >= 1, got {epochs!r}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fit(model=...): expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(opt, Optimizer):
-        raise TypeError(f"fit(opt=...): expected a torch.optim.Optimizer, got {type(opt).__name__}")
-    params = {id(p) for p in model.parameters()}
-    if not any(id(p) in params for group in opt.param_groups for p in group["params"]):
-        raise ValueError(
-            "fit(opt=...): the optimizer holds none of the model's parameters; build it from "
-            "this model, e.g. optim.SGD(model.parameters(), lr=...)"
-        )
-    if isinstance(train_dl, Sized) and len(train_dl) == 0:
-        raise ValueError("fit(train_dl=...): the training loader is empty")
-    if metrics and valid_dl is None:
-        raise ValueError("fit(metrics=...): metrics are computed on validation data; pass valid_dl")

@@ -14,8 +14,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from trainkit._batch import canonical, check_loss, model_device, move_to, pair
-from trainkit.checkpoint import rng_state, set_rng_state
-from trainkit.loop import LossFn
+from trainkit._rng import rng_state, set_rng_state
+from trainkit._types import LossFn
 
 __all__ = ["LRFinderResult", "lr_find"]
 

@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     # matplotlib is optional (`trainkit[plot]`); only History.plot imports it at run time
     from matplotlib.figure import Figure
 
+    from trainkit._types import LossFn, Scheduler
+
     # these modules import this one: their names are for type checkers only
     from trainkit.callbacks.base import Callback
-    from trainkit.loop import LossFn, Scheduler
     from trainkit.metrics.base import Mean
 
 __all__ = ["EvalState", "History", "HistoryFigure", "Status", "TrainState"]

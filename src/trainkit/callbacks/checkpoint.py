@@ -15,8 +15,9 @@ from typing import Any, Literal
 import torch
 
 from trainkit._lock import DirectoryLock, pid_alive
+from trainkit._run_state import save_run
 from trainkit.callbacks.base import Callback
-from trainkit.checkpoint import CheckpointError, save_run, save_weights
+from trainkit.checkpoint import CheckpointError, save_weights
 from trainkit.distributed import is_main_process
 from trainkit.state import TrainState
 
