@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import TensorDataset
+
+from trainkit import Callback, TrainState
 
 HOST_READS = ("item", "tolist", "__bool__", "cpu", "numpy", "__float__", "__int__")
 """The Tensor methods that read a value back from the device (a sync on a GPU)."""
@@ -33,6 +35,34 @@ def make_tabular(n: int, *, seed: int = 0) -> TensorDataset:
     x = torch.randn(n, 20, generator=g)
     w = torch.randn(20, 3, generator=torch.Generator().manual_seed(99))
     return TensorDataset(x, (x @ w).argmax(dim=1))
+
+
+def small_net() -> nn.Sequential:
+    """A 4-feature, 3-class MLP for the checkpoint tests (fits `make_three_class`)."""
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def make_three_class(n: int, *, seed: int = 0) -> TensorDataset:
+    """`n` rows of 4 features; the class counts how many of the first two are positive."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
+
+
+class Scripted(Callback):
+    """Feeds a scripted val_loss to the callbacks after it (stands in for real figures)."""
+
+    order = 50
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = values
+
+    def on_fit_start(self, state: TrainState) -> None:
+        # a figure a callback adds is declared before the monitoring callbacks check names
+        state.recorded_names = (*(state.recorded_names or ()), "val_loss")
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        state.metrics["val_loss"] = self.values[state.epoch]
 
 
 @pytest.fixture

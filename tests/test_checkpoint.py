@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import Scripted, make_three_class, small_net
 from trainkit import (
     Callback,
     CheckpointError,
@@ -32,10 +33,6 @@ from trainkit import (
 from trainkit.checkpoint import FORMAT_VERSION
 
 
-def small() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
 def same(a: nn.Module, b: nn.Module) -> bool:
     return all(
         torch.equal(x, y)
@@ -48,7 +45,7 @@ def same(a: nn.Module, b: nn.Module) -> bool:
 
 @pytest.mark.parametrize("name", ["w.pth", "w.safetensors"])
 def test_weights_round_trip(tmp_path: Path, name: str) -> None:
-    model, other = small(), small()
+    model, other = small_net(), small_net()
     assert save_weights(tmp_path / name, model) == tmp_path / name
     assert not same(model, other)
     load_weights(tmp_path / name, other)
@@ -56,21 +53,21 @@ def test_weights_round_trip(tmp_path: Path, name: str) -> None:
 
 
 def test_plain_torch_save_state_dict_loads_too(tmp_path: Path) -> None:
-    model, other = small(), small()
+    model, other = small_net(), small_net()
     torch.save(model.state_dict(), tmp_path / "tutorial.pth")  # what the seeds do
     assert same(load_weights(tmp_path / "tutorial.pth", other), model)
 
 
 def test_safetensors_file_is_readable_by_the_safetensors_package(tmp_path: Path) -> None:
     safetensors_torch = pytest.importorskip("safetensors.torch")
-    model = small()
+    model = small_net()
     save_weights(tmp_path / "w.safetensors", model)
     tensors = safetensors_torch.load_file(str(tmp_path / "w.safetensors"))
     assert set(tensors) == set(model.state_dict())
 
 
 def test_wrong_model_names_the_keys(tmp_path: Path) -> None:
-    save_weights(tmp_path / "w.pth", small())
+    save_weights(tmp_path / "w.pth", small_net())
     wider = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3), nn.Linear(3, 3))
     with pytest.raises(
         CheckpointError, match=r"w\.pth: the weights do not match Sequential"
@@ -87,9 +84,9 @@ def test_wrong_model_names_the_keys(tmp_path: Path) -> None:
 
 
 def test_ddp_prefix_and_compiled_wrapper_are_handled(tmp_path: Path) -> None:
-    model = small()
+    model = small_net()
     torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, tmp_path / "ddp.pth")
-    assert same(load_weights(tmp_path / "ddp.pth", small()), model)
+    assert same(load_weights(tmp_path / "ddp.pth", small_net()), model)
 
     class Wrapper(nn.Module):  # stands in for torch.compile's OptimizedModule
         def __init__(self, inner: nn.Module) -> None:
@@ -104,7 +101,7 @@ def test_ddp_prefix_and_compiled_wrapper_are_handled(tmp_path: Path) -> None:
 
 
 def test_checkpoint_round_trip_restores_everything_asked(tmp_path: Path) -> None:
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -122,7 +119,7 @@ def test_checkpoint_round_trip_restores_everything_asked(tmp_path: Path) -> None
         step=7,
         extra={"note": "hello", "sizes": [1, 2]},
     )
-    model2 = small()
+    model2 = small_net()
     opt2 = optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     sched2 = optim.lr_scheduler.StepLR(opt2, step_size=1, gamma=0.5)
     scaler2 = torch.amp.GradScaler("cpu")
@@ -141,7 +138,7 @@ def test_checkpoint_round_trip_restores_everything_asked(tmp_path: Path) -> None
 
 
 def test_checkpoint_errors_are_clear(tmp_path: Path) -> None:
-    model = small()
+    model = small_net()
     with pytest.raises(CheckpointError, match=r"nope\.ckpt: no such file"):
         load_checkpoint(tmp_path / "nope.ckpt", model=model)
     save_weights(tmp_path / "w.pth", model)
@@ -183,7 +180,7 @@ def test_files_that_would_run_code_are_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"format": "trainkit.checkpoint", "model": Payload(marker)}, evil)
-    model = small()
+    model = small_net()
     for load in (
         lambda: load_checkpoint(evil, model=model),
         lambda: load_weights(evil, model),
@@ -209,15 +206,15 @@ def test_files_that_would_run_code_are_refused(tmp_path: Path) -> None:
 
 
 def test_whole_pickled_models_need_the_explicit_unsafe_opt_in(tmp_path: Path) -> None:
-    model = small()
+    model = small_net()
     torch.save(model, tmp_path / "model.pth")  # the Quickstart's torch.save(model, PATH)
     with pytest.raises(CheckpointError, match="refused"):
-        load_weights(tmp_path / "model.pth", small())
+        load_weights(tmp_path / "model.pth", small_net())
     assert same(unsafe_load_pickled_model(tmp_path / "model.pth"), model)
 
 
 def test_unwritable_target_names_the_path_and_keeps_the_old_file(tmp_path: Path) -> None:
-    model = small()
+    model = small_net()
     save_weights(tmp_path / "w.pth", model)
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where a directory should be")
@@ -242,7 +239,7 @@ except OSError as err:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
     )
     assert "OSError: [Errno 27] could not write" in result.stdout, result.stderr
-    assert same(load_weights(tmp_path / "w.pth", small()), model)  # the old file is intact
+    assert same(load_weights(tmp_path / "w.pth", small_net()), model)  # the old file is intact
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
 
 
@@ -261,37 +258,15 @@ def test_seed_everything_repeats_every_generator() -> None:
 # --- ModelCheckpoint --------------------------------------------------------------------------
 
 
-def data(n: int = 64, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
-
-
-class Scripted(Callback):
-    """Feeds a scripted val_loss to the callbacks after it (stands in for real figures)."""
-
-    order = 50
-
-    def __init__(self, values: list[float]) -> None:
-        self.values = values
-
-    def on_fit_start(self, state: TrainState) -> None:
-        # a figure a callback adds is declared before the monitoring callbacks check names
-        state.recorded_names = (*(state.recorded_names or ()), "val_loss")
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        state.metrics["val_loss"] = self.values[state.epoch]
-
-
 def test_model_checkpoint_keeps_the_best_k_and_last(tmp_path: Path) -> None:
-    model = small()
+    model = small_net()
     mc = ModelCheckpoint(tmp_path / "ck", save_top_k=2)
     fit(
         5,
         model,
         F.cross_entropy,
         optim.SGD(model.parameters(), lr=0.1),
-        DataLoader(data(), batch_size=16),
+        DataLoader(make_three_class(64), batch_size=16),
         callbacks=[Scripted([0.9, 0.5, 0.7, 0.4, 0.8]), mc],
         progress=False,
     )
@@ -300,7 +275,7 @@ def test_model_checkpoint_keeps_the_best_k_and_last(tmp_path: Path) -> None:
     assert mc.state_dict() == {
         "best": [[0.4, "epoch=4-val_loss=0.4000.ckpt"], [0.5, "epoch=2-val_loss=0.5000.ckpt"]]
     }
-    ckpt = load_checkpoint(tmp_path / "ck" / "epoch=4-val_loss=0.4000.ckpt", model=small())
+    ckpt = load_checkpoint(tmp_path / "ck" / "epoch=4-val_loss=0.4000.ckpt", model=small_net())
     assert ckpt.epoch == 3 and ckpt.epoch_complete
 
 
@@ -311,7 +286,7 @@ def test_model_checkpoint_bad_arguments(tmp_path: Path) -> None:
         ModelCheckpoint(tmp_path, save_top_k=-2)
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(every_n_steps=...\)"):
         ModelCheckpoint(tmp_path, every_n_steps=0)
-    model = small()
+    model = small_net()
     with pytest.raises(
         ValueError, match=r"ModelCheckpoint\(monitor=...\): .* not record 'val_acc'"
     ):
@@ -320,7 +295,7 @@ def test_model_checkpoint_bad_arguments(tmp_path: Path) -> None:
             model,
             F.cross_entropy,
             optim.SGD(model.parameters(), lr=0.1),
-            DataLoader(data(), batch_size=16),
+            DataLoader(make_three_class(64), batch_size=16),
             callbacks=[ModelCheckpoint(tmp_path, monitor="val_acc")],
             progress=False,
         )
@@ -331,7 +306,7 @@ def test_model_checkpoint_bad_arguments(tmp_path: Path) -> None:
             model,
             F.cross_entropy,
             optim.SGD(model.parameters(), lr=0.1),
-            DataLoader(data(), batch_size=16),
+            DataLoader(make_three_class(64), batch_size=16),
             resume=tmp_path / "empty",
             progress=False,
         )
@@ -343,7 +318,7 @@ def test_model_checkpoint_bad_arguments(tmp_path: Path) -> None:
             model,
             F.cross_entropy,
             optim.SGD(model.parameters(), lr=0.1),
-            DataLoader(data(), batch_size=16),
+            DataLoader(make_three_class(64), batch_size=16),
             resume=tmp_path / "nowhere",
             progress=False,
         )
@@ -494,19 +469,19 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path: Path) -> N
         loss = F.cross_entropy(out, y)
         return loss * float("inf") if calls["n"] > 4 else loss  # 4 steps per epoch
 
-    model = small()
+    model = small_net()
     mc = ModelCheckpoint(tmp_path, save_top_k=0)
     fit(
         3,
         model,
         breaks_in_epoch_1,
         optim.SGD(model.parameters(), lr=0.1),
-        DataLoader(data(), batch_size=16),
+        DataLoader(make_three_class(64), batch_size=16),
         callbacks=[mc],
         terminate_on_nan=False,
         progress=False,
     )
     assert not all(bool(p.isfinite().all()) for p in model.parameters())  # the run did break
-    restored = small()
+    restored = small_net()
     ckpt = load_checkpoint(mc.last_path, model=restored)
     assert ckpt.epoch == 0 and all(bool(p.isfinite().all()) for p in restored.parameters())

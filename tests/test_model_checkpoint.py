@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn, optim
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import trainkit
+from conftest import Scripted, make_three_class, small_net
 from trainkit import (
     Callback,
     CheckpointError,
@@ -41,32 +42,6 @@ from trainkit._lock import DirectoryLock
 
 ENV = {**os.environ, "PYTHONPATH": str(Path(trainkit.__file__).parents[1])}
 LOCK = ".trainkit.lock"
-
-
-def small() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def data(n: int = 32, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 4, generator=g)
-    return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
-
-
-class Scripted(Callback):
-    """Feeds a scripted val_loss to the callbacks after it (stands in for real figures)."""
-
-    order = 50
-
-    def __init__(self, values: list[float]) -> None:
-        self.values = values
-
-    def on_fit_start(self, state: TrainState) -> None:
-        # a figure a callback adds is declared before the monitoring callbacks check names
-        state.recorded_names = (*(state.recorded_names or ()), "val_loss")
-
-    def on_epoch_end(self, state: TrainState) -> None:
-        state.metrics["val_loss"] = self.values[state.epoch]
 
 
 class Files(Callback):
@@ -96,14 +71,14 @@ def train(
     model: nn.Module | None = None,
 ) -> History:
     torch.manual_seed(0)
-    model = model or small()
+    model = model or small_net()
     return fit(
         epochs,
         model,
         F.cross_entropy,
         optim.SGD(model.parameters(), lr=0.1),
-        DataLoader(data(), batch_size=16),
-        DataLoader(data(16, seed=1), batch_size=16) if valid else None,
+        DataLoader(make_three_class(32), batch_size=16),
+        DataLoader(make_three_class(16, seed=1), batch_size=16) if valid else None,
         callbacks=callbacks,
         metrics=metrics or {},
         progress=False,
@@ -131,7 +106,9 @@ def test_a_checkpoint_cannot_make_model_checkpoint_delete_a_file_elsewhere(
     crafted = {"best": [[1e9, name]]}  # the worst score: it drops out at the next epoch
     monkeypatch.setattr(writer, "state_dict", lambda: crafted)
     train(1, [Scripted([0.5]), writer])  # a genuine last.ckpt holding the crafted state
-    assert load_checkpoint(ck / "last.ckpt", model=small()).callbacks["ModelCheckpoint"] == crafted
+    assert (
+        load_checkpoint(ck / "last.ckpt", model=small_net()).callbacks["ModelCheckpoint"] == crafted
+    )
 
     with pytest.raises(CheckpointError, match=re.escape(f"names {name!r} as one of its best")):
         train(3, [Scripted([0.5, 0.4, 0.3]), ModelCheckpoint(ck)], resume=ck)
@@ -210,7 +187,7 @@ def test_a_second_live_run_in_the_same_directory_is_refused_naming_the_first(
             first.kill()
             first.communicate()
     assert first.returncode == 0, err  # the refused run did not disturb the first one
-    ckpt = load_checkpoint(ck / "last.ckpt", model=small())
+    ckpt = load_checkpoint(ck / "last.ckpt", model=small_net())
     assert (ckpt.epoch, ckpt.epoch_complete) == (2, True)
     assert not (ck / LOCK).exists()  # released at the end of the run
     assert not [p for p in ck.iterdir() if p.name.endswith(".tmp")]
@@ -263,7 +240,7 @@ def test_the_directory_lock_itself(tmp_path: Path) -> None:
 
 def test_two_threads_saving_the_same_path_never_raise_nor_mix(tmp_path: Path) -> None:
     path = tmp_path / "shared.ckpt"
-    models = [small(), small()]
+    models = [small_net(), small_net()]
     for i, m in enumerate(models):
         m.add_module("pad", nn.Linear(512, 512))  # big enough for the writes to overlap
         for p in m.parameters():
@@ -285,7 +262,7 @@ def test_two_threads_saving_the_same_path_never_raise_nor_mix(tmp_path: Path) ->
         for t in threads:
             t.join(timeout=60)
         assert errors == [], f"round {rnd}: {errors}"
-        loaded = small()
+        loaded = small_net()
         loaded.add_module("pad", nn.Linear(512, 512))
         load_checkpoint(path, model=loaded)
         values = set(torch.cat([p.detach().flatten() for p in loaded.parameters()]).tolist())
@@ -396,7 +373,7 @@ def test_every_n_epochs_saves_at_its_multiples_and_last_at_the_end(tmp_path: Pat
     train(5, [Scripted([0.5] * 5), mc, files])
     assert files.seen[0] == []  # nothing at epoch 1
     assert epochs_kept(tmp_path) == [2, 4]
-    assert load_checkpoint(mc.last_path, model=small()).epoch == 4  # the run's last epoch
+    assert load_checkpoint(mc.last_path, model=small_net()).epoch == 4  # the run's last epoch
     with pytest.raises(ValueError, match=r"ModelCheckpoint\(every_n_epochs=...\): expected an int"):
         ModelCheckpoint(tmp_path, every_n_epochs=0)
 
@@ -438,8 +415,8 @@ def test_repeated_names_get_a_version_instead_of_overwriting_a_kept_file(tmp_pat
     train(3, [Scripted([0.5, 0.4, 0.3]), mc])
     assert names(tmp_path) == ["best-v1.ckpt", "best.ckpt", "last.ckpt"]
     assert [n for _, n in mc.best] == ["best.ckpt", "best-v1.ckpt"]  # 0.3 (3) then 0.4 (2)
-    assert load_checkpoint(tmp_path / "best.ckpt", model=small()).epoch == 2
-    assert load_checkpoint(tmp_path / "best-v1.ckpt", model=small()).epoch == 1
+    assert load_checkpoint(tmp_path / "best.ckpt", model=small_net()).epoch == 2
+    assert load_checkpoint(tmp_path / "best-v1.ckpt", model=small_net()).epoch == 1
     with pytest.raises(ValueError, match="give the name without extension"):
         ModelCheckpoint(tmp_path, filename="last.ckpt")
     mc = ModelCheckpoint(tmp_path / "l", filename="last", save_top_k=1)
@@ -457,7 +434,7 @@ def test_save_weights_only_keeps_the_models_weights_as_safetensors(tmp_path: Pat
     mc = ModelCheckpoint(tmp_path, save_weights_only=True, save_top_k=1)
     train(3, [Snapshot(), Scripted([0.5, 0.3, 0.4]), mc])
     assert names(tmp_path) == ["epoch=2-val_loss=0.3000.safetensors", "last.ckpt"]
-    restored = load_weights(tmp_path / "epoch=2-val_loss=0.3000.safetensors", small())
+    restored = load_weights(tmp_path / "epoch=2-val_loss=0.3000.safetensors", small_net())
     for key, value in restored.state_dict().items():
         assert torch.equal(value, weights[2][key])  # bitwise that epoch's weights
     import safetensors.torch
@@ -468,7 +445,7 @@ def test_save_weights_only_keeps_the_models_weights_as_safetensors(tmp_path: Pat
         "2.weight",
         "2.bias",
     }  # the model alone
-    assert load_checkpoint(mc.last_path, model=small()).epoch == 2  # still resumable
+    assert load_checkpoint(mc.last_path, model=small_net()).epoch == 2  # still resumable
 
 
 def test_save_weights_only_without_safetensors_says_how_to_install_it(
@@ -488,7 +465,7 @@ def test_monitor_none_keeps_last_only(tmp_path: Path) -> None:
     mc = ModelCheckpoint(tmp_path, monitor=None)
     train(3, [mc])  # no validation data, nothing monitored
     assert names(tmp_path) == ["last.ckpt"]
-    assert load_checkpoint(mc.last_path, model=small()).epoch == 2
+    assert load_checkpoint(mc.last_path, model=small_net()).epoch == 2
     every = ModelCheckpoint(tmp_path / "all", monitor=None, save_top_k=-1)
     train(3, [every])
     assert names(tmp_path / "all") == ["epoch=1.ckpt", "epoch=2.ckpt", "epoch=3.ckpt", "last.ckpt"]
