@@ -79,5 +79,6 @@ class Checkpoint:
     ranks: list[dict[str, Any]] | None = None
 
 
-# Raised from several internal modules; named in tracebacks as where users import it from.
-CheckpointError.__module__ = "trainkit.checkpoint"
+# Used by several internal modules, named (in tracebacks, reprs, pickles) by the module users
+# import them from, where they are documented.
+CheckpointError.__module__ = Checkpoint.__module__ = "trainkit.checkpoint"
