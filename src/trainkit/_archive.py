@@ -8,6 +8,7 @@ import contextlib
 import os
 import pickle
 import secrets
+import shutil
 import threading
 import zipfile
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from trainkit._checks import check_fields
 from trainkit._format import CheckpointError
+from trainkit._sharded import drop_shards
 
 
 def atomic_save(payload: Any, path: Path) -> Path:
@@ -27,6 +29,19 @@ def atomic_save(payload: Any, path: Path) -> Path:
             "and trainkit checks every record's CRC-32 when loading; set it back to True"
         )
     return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def save_with_shards(payload: dict[str, Any], path: Path, manifest: dict[str, Any]) -> Path:
+    """Rank 0's part of a sharded save: the file, naming the shards just written for it (the
+    atomic rename is the switch to them), then the shards of `path`'s earlier saves removed.
+    If the file cannot be written, the new shards are removed and the old file stays."""
+    try:
+        atomic_save({**payload, "sharded": manifest}, path)
+    except BaseException:
+        shutil.rmtree(path.parent / manifest["dir"], ignore_errors=True)
+        raise
+    drop_shards(path, keep=manifest["dir"])
+    return path
 
 
 def atomic_write(path: Path, write: Any) -> Path:

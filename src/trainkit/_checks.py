@@ -16,7 +16,9 @@ from torch.optim import Optimizer
 
 from trainkit._format import FORMAT_MARKER, FORMAT_VERSION, STATES, Checkpoint, CheckpointError
 from trainkit._rng import numpy_state
+from trainkit._sharded import check_shards, is_sharded, load_shards
 from trainkit._types import Scheduler
+from trainkit.distributed import all_gather
 
 
 def is_checkpoint(data: Any) -> bool:
@@ -163,6 +165,50 @@ def check_fields(path: Path, data: Any) -> None:
                     f"{path}: field 'ranks[{i}].train_loss' is not a running loss "
                     "({'total': a 0-dim tensor, 'count': a number}) as the run's"
                 )
+    if data.get("sharded") is not None:  # optional: written for a fully_shard model only
+        _check_manifest(path, data)
+
+
+def _check_manifest(path: Path, data: dict[str, Any]) -> None:
+    """The shards' manifest: plain names beside the file (nothing outside is ever read)."""
+    manifest = data["sharded"]
+
+    def plain(name: Any) -> bool:
+        return (
+            isinstance(name, str)
+            and name not in ("", ".", "..")
+            and "/" not in name
+            and "\\" not in name
+            and "\0" not in name
+        )
+
+    if not (
+        isinstance(manifest, dict)
+        and set(manifest) == {"dir", "files", "world_size"}
+        and plain(manifest["dir"])
+        and ".shards-" in manifest["dir"]
+        and isinstance(manifest["files"], dict)
+        and manifest["files"]
+        and all(
+            plain(f)
+            and isinstance(v, list)
+            and len(v) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+            for f, v in manifest["files"].items()
+        )
+        and isinstance(manifest["world_size"], int)
+        and manifest["world_size"] >= 1
+    ):
+        raise CheckpointError(
+            f"{path}: field 'sharded' is not a manifest of shards beside the file ({{'dir': "
+            "'<file>.shards-<token>', 'files': {name: [size, crc32]}, 'world_size': n}): "
+            "damaged or crafted"
+        )
+    if data["model"] or data["optimizer"] is not None:
+        raise CheckpointError(
+            f"{path}: field 'sharded' names shards, but the file holds model or optimizer "
+            "state too: damaged or crafted"
+        )
 
 
 def check_tensors(path: Path, weights: Any, what: str) -> None:
@@ -237,6 +283,10 @@ def check_kinds(
 
 def class_name(obj: object) -> str:
     cls = type(obj)
+    if isinstance(obj, nn.Module) and is_sharded(
+        obj
+    ):  # fully_shard made the class FSDP<Class>(FSDPModule, Class)
+        cls = cls.__bases__[-1]
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
@@ -252,7 +302,8 @@ def check_targets(
         if target is None:
             continue
         saved = data[name]
-        if saved is None:
+        in_shards = name == "optimizer" and data.get("sharded") is not None
+        if saved is None and not (in_shards and data["classes"][name] is not None):
             raise CheckpointError(f"{path}: the checkpoint holds no {name} state to restore")
         saved_class, given_class = data["classes"][name], class_name(target)
         if saved_class != given_class:
@@ -261,7 +312,8 @@ def check_targets(
                 f"into a {given_class}. Resume with the {name} class the run was saved with"
             )
         if isinstance(target, Optimizer):
-            _check_optimizer(path, saved, target)
+            if not in_shards:  # sharded: DCP matches the states to the parameters by name
+                _check_optimizer(path, saved, target)
         else:
             if isinstance(target, torch.amp.GradScaler) and not all(
                 _number(v) for v in saved.values()
@@ -278,6 +330,20 @@ def check_targets(
                     )
                     + " (a foreign key such as 'optimizer' is never loaded)"
                 )
+    if data.get("sharded") is not None:
+        collective = is_sharded(model)  # then every process checks a part of the files
+        problem = check_shards(path, data["sharded"], model, collective=collective)
+        problems = all_gather(problem) if collective else [problem]
+        failed = [f"rank {r}: {p}" if len(problems) > 1 else p for r, p in enumerate(problems) if p]
+        if failed:
+            raise CheckpointError(f"{path}: {'; '.join(failed)}")
+        return {}
+    if is_sharded(model):
+        raise CheckpointError(
+            f"{path}: written without fully_shard (whole weights, saved by one process); this "
+            "model is sharded. Load it before sharding (load_checkpoint, then fully_shard), or "
+            "resume a run that saved sharded checkpoints"
+        )
     return check_model(path, model, data["model"], strict)
 
 
@@ -355,11 +421,18 @@ def restore(
     """Load the checked states into the objects; then the `Checkpoint` record."""
     restored: list[str] = []
     current = "model"
+    shards = data.get("sharded")
     try:
-        unwrap(model).load_state_dict(weights, strict=strict)
-        restored.append(current)
+        if shards is not None:  # the model and optimizer states, through DCP
+            opt = targets.get("optimizer")
+            assert opt is None or isinstance(opt, Optimizer)
+            load_shards(shards, path, model, opt, collective=is_sharded(model))
+            restored += ["model", "optimizer"] if opt is not None else ["model"]
+        else:
+            unwrap(model).load_state_dict(weights, strict=strict)
+            restored.append(current)
         for current, target in targets.items():
-            if target is not None:
+            if target is not None and current not in restored:
                 target.load_state_dict(data[current])
                 restored.append(current)
     except Exception as err:  # every check passed, so this is unexpected: said as such

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from trainkit._sharded import is_sharded, no_grad_sync
 from trainkit._types import LossFn, Scheduler
 from trainkit.compiling import compile_step
 from trainkit.distributed import is_distributed
@@ -24,7 +27,10 @@ class Run:
 
     forward_loss: Callable[[Any, Any], tuple[Any, Any]]  # (model(xb), loss_func(output, yb))
     evaluate_forward: Callable[[Any], Any]
-    ddp: DistributedDataParallel | None  # the DistributedDataParallel wrapper under a process group
+    # the context in which a micro-batch's gradients are not reduced across processes (DDP's
+    # no_sync, FSDP2's set_requires_gradient_sync(False)); None in one process
+    no_sync: Callable[[], contextlib.AbstractContextManager[Any]] | None
+    sharded: bool  # the model is sharded by fully_shard: validation gathers it once
     scheduler: Scheduler | None
     step_scheduler: bool  # per optimizer step rather than per epoch
     autocast: torch.autocast | None
@@ -75,16 +81,27 @@ class Run:
                 raise ValueError(f"fit({name}=...): expected a number > 0, got {value!r}")
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        sharded = is_sharded(model)
+        if sharded and compile:
+            raise ValueError(
+                "fit(compile=True) with a model sharded by fully_shard: not supported; compile "
+                "its blocks yourself (before fully_shard) and pass compile=False"
+            )
+        # used as it is: a DistributedDataParallel or fully_shard model; else DDP around it
         ddp = model if isinstance(model, DistributedDataParallel) else None
-        if ddp is None and is_distributed():
+        if ddp is None and is_distributed() and not sharded:
             ddp = DistributedDataParallel(
                 model, device_ids=[dev.index] if dev.type == "cuda" else None
             )
-        # validation runs the plain module: no collectives, so shards may differ in length
+        # validation runs the plain module (a sharded one gathered once, see _sharded.gathered):
+        # no collectives, so shards may differ in length
         evaluate_forward: Callable[[Any], Any] = (
             model.module if isinstance(model, DistributedDataParallel) else model
         )
         forward: Callable[[Any], Any] = ddp if ddp is not None else model
+        no_sync = ddp.no_sync if ddp is not None else None
+        if sharded:
+            no_sync = functools.partial(no_grad_sync, model)
 
         def eager_forward_loss(xb: Any, yb: Any) -> tuple[Any, Any]:
             out = forward(xb)
@@ -99,7 +116,8 @@ class Run:
         return cls(
             forward_loss=forward_loss,
             evaluate_forward=evaluate_forward,
-            ddp=ddp,
+            no_sync=no_sync,
+            sharded=sharded,
             scheduler=scheduler,
             step_scheduler=scheduler is not None and scheduler_interval == "step",
             autocast=torch.autocast(dev.type, dtype=dtype) if dtype is not None else None,

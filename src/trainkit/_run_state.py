@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainkit._archive import atomic_save, check_safe, read_checkpoint
+from trainkit._archive import atomic_save, check_safe, read_checkpoint, save_with_shards
 from trainkit._checks import check_targets, restore, unwrap
 from trainkit._format import Checkpoint, CheckpointError
 from trainkit._rng import rng_state
+from trainkit._sharded import is_sharded, write_shards
 from trainkit.checkpoint import PathLike, build_payload
 from trainkit.distributed import (
     all_gather,
@@ -55,7 +56,8 @@ def save_run(path: Path, state: Any, *, epoch_complete: bool) -> Path:
     Under a process group, a collective: every rank calls it; BatchNorm's running statistics
     are first broadcast from rank 0 (so every rank holds the saved model), each rank's random
     states and running training loss are gathered to rank 0 (field `ranks`), and only rank 0
-    writes.
+    writes. A model sharded by `fully_shard`: every rank writes its shards of the model and
+    optimizer beside `path` first (`trainkit._sharded`).
     """
     broadcast_buffers(unwrap(state.model))
     partial = not epoch_complete and state.train_loss is not None
@@ -65,11 +67,14 @@ def save_run(path: Path, state: Any, *, epoch_complete: bool) -> Path:
         "train_loss": _cpu(state.train_loss.state_dict()) if partial else None,
     }
     ranks = gather_to_main(mine)
+    manifest = write_shards(path, state.model, state.opt) if is_sharded(state.model) else None
     if not is_main_process():
         return path
     payload = run_payload(state, epoch_complete=epoch_complete)
     if ranks is not None and len(ranks) > 1:
         payload["ranks"] = ranks
+    if manifest is not None:
+        return save_with_shards(payload, path, manifest)
     return atomic_save(payload, path)
 
 

@@ -38,8 +38,10 @@ from trainkit._archive import (
     load_safetensors,
     read_checkpoint,
     safetensors_module,
+    save_with_shards,
 )
 from trainkit._checks import (
+    check_fields,
     check_kinds,
     check_model,
     check_targets,
@@ -52,7 +54,9 @@ from trainkit._checks import (
 )
 from trainkit._format import FORMAT_MARKER, FORMAT_VERSION, Checkpoint, CheckpointError
 from trainkit._rng import rng_state
+from trainkit._sharded import full_weights, is_sharded, write_shards
 from trainkit._types import Scheduler
+from trainkit.distributed import is_main_process
 
 __all__ = [
     "FORMAT_VERSION",
@@ -119,7 +123,12 @@ def save_weights(path: PathLike, model: nn.Module) -> Path:
         >>> save_weights("model_weights.pth", model)  # doctest: +SKIP
     """
     path = Path(path)
-    weights = unwrap(model).state_dict()
+    if is_sharded(model):  # gathered whole on rank 0, which alone writes
+        weights = full_weights(model)
+        if not is_main_process():
+            return path
+    else:
+        weights = unwrap(model).state_dict()
     if path.suffix == ".safetensors":
         safetensors_torch = safetensors_module()
         tensors = {k: v.detach().contiguous().clone() for k, v in weights.items()}
@@ -166,8 +175,18 @@ def load_weights(
         weights: Any = load_safetensors(path, location)
     else:
         loaded = load_file(path, location, require_zip=False)
+        if is_checkpoint(loaded) and "sharded" in loaded:  # the weights are in its shards
+            check_fields(path, loaded)
+            check_targets(path, loaded, model, {}, strict)
+            restore(path, loaded, model, {}, {}, strict)
+            return model
         weights = loaded["model"] if is_checkpoint(loaded) else loaded
         check_tensors(path, weights, "the weights")
+    if is_sharded(model):
+        raise CheckpointError(
+            f"{path}: whole weights cannot be loaded into a model already sharded by "
+            "fully_shard; load them before sharding it"
+        )
     checked = check_model(path, model, weights, strict)
     unwrap(model).load_state_dict(checked, strict=strict)
     return model
@@ -230,6 +249,12 @@ def save_checkpoint(
         if not isinstance(key, str):
             raise TypeError(f"save_checkpoint(extra=...): keys must be strings, got {key!r}")
         check_safe(value, f"save_checkpoint(extra[{key!r}])")
+    if is_sharded(model):  # every process writes its shards; rank 0 the file
+        manifest = write_shards(Path(path), model, optimizer)
+        if not is_main_process():
+            return Path(path)
+        payload = build_payload(model, optimizer, scheduler, scaler, epoch, step, extra=values)
+        return save_with_shards(payload, Path(path), manifest)
     payload = build_payload(model, optimizer, scheduler, scaler, epoch, step, extra=values)
     return atomic_save(payload, Path(path))
 
@@ -323,6 +348,13 @@ def build_payload(
     from trainkit import __version__
 
     objects = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    sharded = is_sharded(model)  # then model and optimizer states are in the shards
+    states = {
+        name: obj.state_dict()
+        if obj is not None and not (sharded and name == "optimizer")
+        else None
+        for name, obj in objects.items()
+    }
     return {
         "format": FORMAT_MARKER,
         "format_version": FORMAT_VERSION,
@@ -331,8 +363,8 @@ def build_payload(
             "model": class_name(unwrap(model)),
             **{name: None if obj is None else class_name(obj) for name, obj in objects.items()},
         },
-        "model": unwrap(model).state_dict(),
-        **{name: obj.state_dict() if obj is not None else None for name, obj in objects.items()},
+        "model": {} if sharded else unwrap(model).state_dict(),
+        **states,
         "epoch": epoch,
         "step": step,
         "global_step": 0,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from trainkit._batch import batch_size, canonical, check_loss, model_device, move_to, pair
 from trainkit._hooks import call_any, call_eval, hook_lists
+from trainkit._sharded import gathered, is_sharded
 from trainkit._types import LossFn
 from trainkit.callbacks.base import Callback, sort_callbacks
 from trainkit.data import fast_loader
@@ -54,7 +55,8 @@ def evaluate(
             each over its shard (`ShardSampler`), and the figures are summed over all of them;
             a process calling it alone waits for the others until the group's timeout.
             `sync=False`: this process's batches only, no collectives, for calling it on one
-            rank (rank 0 over the whole test set). No effect in one process. (A torchmetrics
+            rank (rank 0 over the whole test set); not for a model sharded by `fully_shard`,
+            which is gathered whole first (a collective). No effect in one process. (A torchmetrics
             metric syncs itself in `compute`: build it with `sync_on_compute=False` there.)
 
     Returns:
@@ -90,9 +92,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     try:
-        results, _ = evaluate_pass(
-            model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks, sync=sync
-        )
+        with gathered(model) if is_sharded(model) else _NULL:
+            results, _ = evaluate_pass(
+                model, loss_func, dl, "dl", dev, named, state, _EVALUATE_HOOKS, hooks, sync=sync
+            )
         if state is not None and hooks["on_evaluate_end"]:
             state.metrics = dict(results)
             with torch.no_grad():
@@ -178,7 +181,8 @@ def predict(
     `torch.no_grad()` in eval mode, and puts the model back in the mode it was in.
     It runs no collectives: under a process group each process predicts its own loader's
     batches, and it may be called on one rank alone (pass the plain module, not a
-    `DistributedDataParallel` wrapper, whose forward may broadcast buffers).
+    `DistributedDataParallel` wrapper, whose forward may broadcast buffers). A model sharded
+    by `fully_shard` is gathered whole once at the start: a collective, every process calls it.
 
     Args:
         model: The model; its outputs must be tensors.
@@ -217,7 +221,7 @@ def predict(
     model.eval()
     outputs: list[Tensor] = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), gathered(model) if is_sharded(model) else _NULL:
             call_eval(hooks["on_predict_start"], state)
             for step, batch in enumerate(dl):
                 xb = batch[0] if isinstance(batch, tuple | list) else batch

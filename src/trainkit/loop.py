@@ -22,6 +22,7 @@ from trainkit._interrupt import defer_sigint
 from trainkit._options import Run, check_fit_args
 from trainkit._rng import rng_state, set_rng_state
 from trainkit._run_state import loader_generators, own_rank_state, read_agreed, restore_run
+from trainkit._sharded import gathered
 from trainkit._types import LossFn, Scheduler
 from trainkit.callbacks.base import Callback, StopTraining, sort_callbacks
 from trainkit.callbacks.checkpoint import ModelCheckpoint
@@ -415,9 +416,9 @@ def _train_epoch(
         state.step, state.xb, state.yb = step, xb, yb
         if batch_start:
             call_in_step(batch_start, state)
-        # under DDP, gradients are reduced only on the batch that ends an accumulation group
-        no_sync = run.ddp is not None and pending + 1 < accumulate and step + 1 != n
-        with run.ddp.no_sync() if no_sync else _NULL:  # type: ignore[union-attr]
+        # under DDP or FSDP2, gradients are reduced only on the batch that ends a group
+        no_sync = run.no_sync is not None and pending + 1 < accumulate and step + 1 != n
+        with run.no_sync() if no_sync else _NULL:  # type: ignore[misc]
             with autocast or _NULL:
                 out, loss = forward_loss(state.xb, state.yb)
                 loss = check_loss(loss, loss_func)
@@ -458,10 +459,11 @@ def _train_epoch(
     if state.valid_dl is not None:
         broadcast_buffers(model)  # every rank validates rank 0's BatchNorm statistics
         model.eval()
-        figures, tensors = evaluate_pass(
-            run.evaluate_forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
-            state, VALIDATION_HOOKS, hooks, autocast,
-        )  # fmt: skip
+        with gathered(model) if run.sharded else _NULL:
+            figures, tensors = evaluate_pass(
+                run.evaluate_forward, loss_func, state.valid_dl, "valid_dl", dev, metrics,
+                state, VALIDATION_HOOKS, hooks, autocast,
+            )  # fmt: skip
         record.update({f"val_{name}": value for name, value in figures.items()})
         tensors = {f"val_{name}": value for name, value in tensors.items()}
         state.metrics = {**state.metrics, **record}

@@ -16,9 +16,10 @@ import torch
 
 from trainkit._lock import DirectoryLock, pid_alive
 from trainkit._run_state import save_run
+from trainkit._sharded import drop_shards, is_sharded, local
 from trainkit.callbacks.base import Callback
 from trainkit.checkpoint import CheckpointError, save_weights
-from trainkit.distributed import is_main_process
+from trainkit.distributed import all_reduce_flag, is_main_process
 from trainkit.state import TrainState
 
 __all__ = ["ModelCheckpoint"]
@@ -303,7 +304,9 @@ class ModelCheckpoint(Callback):
         self.best = [*above, (score, name), *below]
         for _, old in dropped:
             if is_main_process() and old != name:  # only now that the new one is safe
-                (self.dirpath / _confined(old, self.dirpath)).unlink(missing_ok=True)
+                gone = self.dirpath / _confined(old, self.dirpath)
+                gone.unlink(missing_ok=True)
+                drop_shards(gone)  # the shards of a sharded model's checkpoint
 
     def _free_name(self, state: TrainState, taken: set[str]) -> str:
         values = {**state.metrics, "epoch": state.epoch + 1, "step": state.global_step}
@@ -320,13 +323,17 @@ class ModelCheckpoint(Callback):
     ) -> bool:
         # every rank checks (the same weights under DDP) and takes part in save_run (which
         # gathers each rank's random state and running loss); only rank 0 writes
-        params = [p.detach() for p in state.model.parameters()]
-        if params and not bool(torch.stack([p.isfinite().all() for p in params]).all()):
+        params = [local(p.detach()) for p in state.model.parameters()]
+        finite = not params or bool(torch.stack([p.isfinite().all() for p in params]).all())
+        sharded = is_sharded(state.model)
+        if sharded:  # each rank checked its own shards
+            finite = not all_reduce_flag(not finite)
+        if not finite:
             if is_main_process():
                 print(f"ModelCheckpoint: weights not finite; {path} not written", file=sys.stderr)
             return False
         if best and self.save_weights_only:
-            if is_main_process():
+            if is_main_process() or sharded:  # sharded: gathered by every rank, written by 0
                 save_weights(path, state.model)
         else:
             save_run(path, state, epoch_complete=epoch_complete)

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from trainkit._sharded import local
 from trainkit.callbacks.base import Callback, StopTraining
 from trainkit.distributed import all_reduce_flag, is_distributed
 from trainkit.state import TrainState
@@ -92,7 +93,8 @@ class TerminateOnNaN(Callback):
     def _check(self, state: TrainState) -> None:
         # one vector on the device: a flag per step's loss, then one for the weights
         flags = [~torch.isfinite(torch.stack(self._losses))] if self._losses else []
-        weights = [p for group in state.opt.param_groups for p in group["params"]]
+        # a sharded (FSDP2) parameter: this process's shard; every process checks its own
+        weights = [local(p) for group in state.opt.param_groups for p in group["params"]]
         if weights:
             # NaN and inf survive a sum; a plain float32 sum (the fastest reduction) can also
             # overflow on huge finite weights, so a flag raised here alone is confirmed below

@@ -1,0 +1,263 @@
+"""Models sharded by FSDP2's `fully_shard`: how `fit` runs them and how their state is saved.
+
+A sharded model's parameters and optimizer states are `DTensor` shards: no process holds the
+whole state, so rank 0 cannot `torch.save` it. Its checkpoints therefore come in two parts:
+
+* the shards, written by every process with `torch.distributed.checkpoint` (DCP) into a
+  directory beside the checkpoint file, `<file>.shards-<token>/`, as torchtitan does; DCP
+  reshards them on loading, so they resume under another number of processes (or load into
+  a plain model in one process);
+* the checkpoint file itself, written atomically by rank 0 in trainkit's format, holding
+  everything else and the manifest of the shards: the directory's name and every file's size
+  and CRC-32, checked before anything is loaded.
+
+A new save writes a new directory, then rank 0 replaces the file (the switch is the atomic
+rename) and removes the directories of that file's earlier saves: a crash at any point leaves
+a file whose shards are whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from trainkit.distributed import all_gather, broadcast_from_main, rank, world_size
+
+__all__ = [
+    "check_shards",
+    "drop_shards",
+    "full_weights",
+    "gathered",
+    "is_sharded",
+    "load_shards",
+    "local",
+    "no_grad_sync",
+    "write_shards",
+]
+
+_CHUNK = 1 << 20
+
+
+def _fsdp_module() -> type[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return FSDPModule
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` (or what a compiled wrapper holds) is a `fully_shard`-ed model.
+
+    Raises:
+        ValueError: submodules are sharded but the model itself is not (`fit` would have no
+            root to run and save the shards through).
+    """
+    inner = getattr(model, "_orig_mod", model)
+    if not torch.distributed.is_available():
+        return False
+    fsdp = _fsdp_module()
+    if isinstance(inner, fsdp):
+        return True
+    inner_sharded = [name for name, m in inner.named_modules() if isinstance(m, fsdp)]
+    if inner_sharded:
+        raise ValueError(
+            f"model: submodules {inner_sharded[:3]} are sharded with fully_shard, but the model "
+            "itself is not; call fully_shard(model) on the root too (after its blocks), as "
+            "FSDP2 expects"
+        )
+    return False
+
+
+def local(tensor: Tensor) -> Tensor:
+    """This process's part of `tensor` (a `DTensor`'s local shard), or `tensor` itself."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: nn.Module) -> Iterator[None]:
+    """Accumulate gradients without reducing them across processes (FSDP2's `no_sync`)."""
+    model.set_requires_gradient_sync(False)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)  # type: ignore[operator]
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Hold the whole parameters on every process while evaluating, then shard them again.
+
+    FSDP2 gathers a module's parameters before each forward (a collective): validation shards
+    of different lengths would leave one process waiting for the others. Gathered once here,
+    every forward runs on this process alone, as the plain module under DDP does. The cost:
+    the whole model's parameters in memory while evaluating.
+    """
+    fsdp = _fsdp_module()
+    modules = [m for m in model.modules() if isinstance(m, fsdp)]
+    # the per-group setting to put back (the root's differs from the blocks' by default)
+    saved = [
+        (state, state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in groups])
+        for state, groups in (
+            (s, s._fsdp_param_groups) for s in (m._get_fsdp_state() for m in modules)
+        )
+    ]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    model.unshard()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        for state, auto, infos in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in zip(state._fsdp_param_groups, infos, strict=True):
+                group.post_forward_mesh_info = info
+        for m in modules:
+            m.reshard()
+
+
+def full_weights(model: nn.Module) -> dict[str, Tensor]:
+    """The whole weights of a sharded model, on CPU, on rank 0 (`{}` elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights: dict[str, Tensor] = {}
+    for key, value in get_model_state_dict(model, options=options).items():
+        assert isinstance(value, Tensor)
+        weights[key] = value
+    return weights
+
+
+def _states(model: nn.Module, opt: Optimizer | None) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if opt is None:
+        return {"model": get_model_state_dict(model)}
+    model_state, opt_state = get_state_dict(model, opt)
+    return {"model": model_state, "optimizer": opt_state}
+
+
+def write_shards(path: Path, model: nn.Module, opt: Optimizer | None) -> dict[str, Any]:
+    """Write the model's (and optimizer's) shards for the checkpoint file `path`. Collective.
+
+    Returns:
+        The manifest (the same on every process): the directory's name, each file's size and
+        CRC-32, and the number of processes that wrote them.
+    """
+    from torch.distributed.checkpoint.state_dict_saver import save
+
+    name = f"{path.name}.shards-{broadcast_from_main(secrets.token_hex(6))}"
+    directory = path.parent / name
+    try:
+        save(_states(model, opt), checkpoint_id=directory)
+        files = sorted(p.name for p in directory.iterdir())
+        mine = {f: _size_and_crc(directory / f) for f in files[rank() :: world_size()]}
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    sums: dict[str, list[int]] = {}
+    for part in all_gather(mine):
+        sums.update(part)
+    return {"dir": name, "files": sums, "world_size": world_size()}
+
+
+def drop_shards(path: Path, keep: str | None = None) -> None:
+    """Remove the shard directories of the checkpoint file `path`, except `keep`."""
+    prefix = f"{path.name}.shards-"
+    if not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        if entry.name.startswith(prefix) and entry.name != keep and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def check_shards(
+    path: Path, manifest: dict[str, Any], model: nn.Module, *, collective: bool
+) -> str | None:
+    """What is wrong with the shards of `path` for `model`, or `None`.
+
+    The files' sizes and CRC-32s are checked against the manifest (`collective`: each
+    process a part of them, the caller gathers the answers); then the weights' names and
+    shapes recorded by DCP are compared with the model's.
+    """
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    directory = path.parent / manifest["dir"]
+    files = sorted(manifest["files"])
+    if not directory.is_dir():
+        return f"its shards directory {manifest['dir']} is missing"
+    share = files[rank() :: world_size()] if collective else files
+    for f in share:
+        where = directory / f
+        if not where.is_file():
+            return f"shard file {manifest['dir']}/{f} is missing"
+        if _size_and_crc(where) != list(manifest["files"][f]):
+            return f"shard file {manifest['dir']}/{f} is damaged (its size or CRC-32 differs)"
+    try:
+        metadata = FileSystemReader(directory).read_metadata().state_dict_metadata
+    except Exception as err:
+        return f"its shards' metadata cannot be read ({type(err).__name__}: {err})"
+    saved = {
+        k.removeprefix("model."): tuple(getattr(v, "size", ()))
+        for k, v in metadata.items()
+        if k.startswith("model.")
+    }
+    expected = {k: tuple(v.shape) for k, v in _states(model, None)["model"].items()}
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    shapes = sorted(
+        f"{k}: file {saved[k]} vs model {expected[k]}"
+        for k in set(saved) & set(expected)
+        if saved[k] != expected[k]
+    )
+    problems = [f"wrong shape: {', '.join(shapes[:10])}"] * bool(shapes)
+    problems += [f"missing keys: {', '.join(missing[:10])}"] * bool(missing)
+    problems += [f"unexpected keys: {', '.join(unexpected[:10])}"] * bool(unexpected)
+    if problems:
+        return f"the weights do not match {type(model).__name__}: " + "; ".join(problems)
+    return None
+
+
+def load_shards(
+    manifest: dict[str, Any],
+    path: Path,
+    model: nn.Module,
+    opt: Optimizer | None,
+    *,
+    collective: bool,
+) -> None:
+    """Load the shards into `model` (and `opt`), resharded to this run's processes.
+
+    `collective` (a sharded model): every process loads its part together; otherwise this
+    process reads the whole state alone.
+    """
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    states = _states(model, opt)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: as asked
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load(states, checkpoint_id=path.parent / manifest["dir"], no_dist=not collective)
+    if opt is None:
+        set_model_state_dict(model, states["model"])
+    else:
+        set_state_dict(
+            model, opt, model_state_dict=states["model"], optim_state_dict=states["optimizer"]
+        )
+
+
+def _size_and_crc(path: Path) -> list[int]:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return [os.path.getsize(path), crc]

@@ -1,0 +1,136 @@
+"""A training run of a model sharded with FSDP2's `fully_shard`, for tests/test_fsdp.py, started
+as torchrun starts its workers (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT in the environment;
+plain `python` for one process, where the model is not sharded):
+
+`python fsdp_child.py DIR EPOCHS [--term EPOCH BATCH] [--resume WHAT] [--every N] [--top-k K]
+[--accumulate A] [--clip C] [--ddp]`
+
+The same data in every mode: 200 training samples, fixed order; under 2 processes each takes
+every other sample of a batch of 16 (`ShardSampler`), one process takes batches of 16 whole,
+so both compute the same gradients up to rounding. Validation: 101 samples (shards of 51 and
+50). Writes DIR/final.pt on rank 0: the whole weights, History records (without `seconds`),
+`evaluate` and (rank 0's rows of) `predict` over the validation loader after training.
+`--term`: rank 0 sends itself SIGTERM as batch BATCH of epoch EPOCH (from 0) starts.
+`--ddp`: under 2 processes, leave the model unsharded (`fit` wraps it in DDP).
+`--blocks-only`: shard the layers but not the model itself. `--compile`: `fit(compile=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn, optim
+from torch.utils.data import DataLoader, TensorDataset
+
+import trainkit.distributed
+from trainkit import Callback, ModelCheckpoint, TrainState, accuracy, evaluate, fit, predict
+from trainkit.distributed import ShardSampler
+
+
+def datasets() -> tuple[TensorDataset, TensorDataset]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(301, 20, generator=g)
+    y = (x[:, :3] * torch.tensor([1.0, 2.0, 3.0])).argmax(1)
+    return TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:])
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)
+    )
+
+
+class TermAt(Callback):
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, state: TrainState) -> None:
+        if (state.epoch, state.step) == (self.epoch, self.batch):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("epochs", type=int)
+    parser.add_argument("--term", type=int, nargs=2)
+    parser.add_argument("--resume", default="auto")
+    parser.add_argument("--every", type=int, default=1000)
+    parser.add_argument("--top-k", type=int, default=1)
+    parser.add_argument("--accumulate", type=int, default=1)
+    parser.add_argument("--clip", type=float)
+    parser.add_argument("--ddp", action="store_true")
+    parser.add_argument("--blocks-only", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    trainkit.distributed.init(timeout_seconds=60)
+    rank, world = trainkit.distributed.rank(), trainkit.distributed.world_size()
+    try:
+        train_ds, valid_ds = datasets()
+        model = make_model()
+        if world > 1 and not args.ddp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in (model[0], model[2], model[4]):
+                fully_shard(layer)
+            if not args.blocks_only:
+                fully_shard(model)
+        opt = optim.Adam(model.parameters(), lr=1e-2)
+        scheduler = optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+        sampler = ShardSampler(train_ds) if world > 1 else None
+        train_dl = DataLoader(train_ds, batch_size=16 // world, sampler=sampler)
+        # shards of 51 and 50 samples: 3 batches on rank 0, 2 on rank 1
+        valid_dl = DataLoader(valid_ds, batch_size=25, sampler=ShardSampler(valid_ds))
+        callbacks: list[Callback] = [
+            ModelCheckpoint(
+                args.dir, every_n_steps=args.every, save_top_k=args.top_k, monitor="val_loss"
+            )
+        ]
+        if args.term is not None and rank == 0:
+            callbacks.append(TermAt(*args.term))
+        history = fit(args.epochs, model, F.cross_entropy, opt, train_dl, valid_dl,
+                      metrics={"accuracy": accuracy}, scheduler=scheduler, progress=False,
+                      callbacks=callbacks, resume=args.resume, accumulate=args.accumulate,
+                      clip_grad_norm=args.clip, compile=args.compile)  # fmt: skip
+        evaluated = evaluate(model, F.cross_entropy, valid_dl, [accuracy])
+        predicted = predict(model, valid_dl)
+        records = [{k: v for k, v in r.items() if k != "seconds"} for r in history.records]
+        weights = trainkit.save_weights(args.dir / "final-weights.pt", model)
+        if rank == 0:
+            torch.save(
+                {
+                    "model": torch.load(weights, weights_only=True),
+                    "records": records,
+                    "evaluated": evaluated,
+                    "predicted": predicted,  # rank 0's rows
+                },
+                args.dir / "final.pt",
+            )
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    # ended with os._exit after flushing, as tests/dist_child.py (gloo's threads at teardown)
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:  # Preempted: status 143
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
