@@ -5,6 +5,7 @@ on gloo over loopback, against one process (tests/fsdp_child.py); every run boun
 
 from __future__ import annotations
 
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -181,3 +182,59 @@ def test_what_fit_cannot_run_sharded_is_refused_on_every_rank(
     assert ended.codes == [1, 1]
     for err in ended.stderr:
         assert re.search(message, err), err
+
+
+class Runs:
+    """Unpickled, it would run code: create the file named."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def _with_manifest(sharded: Path, target: Path, shards: Path) -> None:
+    """Write target/last.ckpt: the run's file, with a manifest that fits `shards` (an attacker
+    writes both: the sizes and CRC-32s are no defence, the loading must be)."""
+    from trainkit._sharded import _size_and_crc
+
+    payload = torch.load(sharded / "last.ckpt", weights_only=True)
+    files = {p.name: _size_and_crc(p) for p in shards.iterdir()}
+    payload["sharded"] = {"dir": shards.name, "files": files, "world_size": 2}
+    torch.save(payload, target / "last.ckpt")
+
+
+def test_a_crafted_metadata_pickle_runs_no_code(sharded: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "last.ckpt.shards-crafted"
+    shutil.copytree(next(sharded.glob("last.ckpt.shards-*")), shards)
+    marker = tmp_path / "ran"
+    (shards / ".metadata").write_bytes(pickle.dumps(Runs(marker)))  # DCP: plain pickle.load
+    _with_manifest(sharded, tmp_path, shards)
+    with pytest.raises(CheckpointError, match=r"metadata cannot be read .*Path\.touch"):
+        load_checkpoint(tmp_path / "last.ckpt", model=model())
+    assert not marker.exists()
+
+
+def test_a_crafted_value_in_a_shard_runs_no_code(sharded: Path, tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    m = model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    model_state, opt_state = get_state_dict(m, opt)
+    marker = tmp_path / "ran"
+    opt_state["param_groups"][0]["lr"] = Runs(marker)  # DCP: torch.load(weights_only=False)
+    shards = tmp_path / "last.ckpt.shards-crafted"
+    dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=shards, no_dist=True)
+    _with_manifest(sharded, tmp_path, shards)
+    target = model()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"param_groups\.0\.lr' that is not plain data"):
+        load_checkpoint(
+            tmp_path / "last.ckpt",
+            model=target,
+            optimizer=torch.optim.Adam(target.parameters(), lr=1e-2),
+        )
+    assert not marker.exists()
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())

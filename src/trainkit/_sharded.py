@@ -19,7 +19,9 @@ a file whose shards are whole.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import pickle
 import secrets
 import shutil
 import warnings
@@ -181,6 +183,65 @@ def drop_shards(path: Path, keep: str | None = None) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+# What a DCP `.metadata` pickle may name: DCP's own records, tensor sizes, dtypes, layouts,
+# paths. Anything else (a function that would run) is refused: DCP itself unpickles the file
+# with plain `pickle.load`, and trainkit never runs code from a checkpoint.
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    *(("pathlib", f"{pure}{os_}Path") for pure in ("", "Pure") for os_ in ("Posix", "Windows")),
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _METADATA_CLASSES or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata never holds")
+
+
+def _reader(directory: Path) -> Any:
+    """DCP's file reader, reading the `.metadata` pickle with the classes above only."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+            with (directory / ".metadata").open("rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if not isinstance(metadata, Metadata):
+                raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}")
+            storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+            storage_meta.load_id = self.load_id
+            metadata.storage_meta = storage_meta
+            return metadata
+
+    return Reader(directory)
+
+
+def _planner() -> Any:
+    """DCP's load planner, loading non-tensor values (learning rates, ...) without code: DCP
+    loads them with `torch.load(weights_only=False)`; the same bytes must load with
+    `weights_only=True` first."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            torch.load(value, weights_only=True)  # raises on anything but plain data
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return Planner()
+
+
 def check_shards(
     path: Path, manifest: dict[str, Any], model: nn.Module, *, collective: bool
 ) -> str | None:
@@ -190,8 +251,6 @@ def check_shards(
     process a part of them, the caller gathers the answers); then the weights' names and
     shapes recorded by DCP are compared with the model's.
     """
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-
     directory = path.parent / manifest["dir"]
     files = sorted(manifest["files"])
     if not directory.is_dir():
@@ -204,9 +263,13 @@ def check_shards(
         if _size_and_crc(where) != list(manifest["files"][f]):
             return f"shard file {manifest['dir']}/{f} is damaged (its size or CRC-32 differs)"
     try:
-        metadata = FileSystemReader(directory).read_metadata().state_dict_metadata
+        read = _reader(directory).read_metadata()
     except Exception as err:
         return f"its shards' metadata cannot be read ({type(err).__name__}: {err})"
+    problem = _check_items(directory, manifest, read)
+    if problem is not None:
+        return problem
+    metadata = read.state_dict_metadata
     saved = {
         k.removeprefix("model."): tuple(getattr(v, "size", ()))
         for k, v in metadata.items()
@@ -224,6 +287,32 @@ def check_shards(
     problems += [f"unexpected keys: {', '.join(unexpected[:10])}"] * bool(unexpected)
     if problems:
         return f"the weights do not match {type(model).__name__}: " + "; ".join(problems)
+    return None
+
+
+def _check_items(directory: Path, manifest: dict[str, Any], metadata: Any) -> str | None:
+    """Every item DCP would read lies in a file of the manifest, untransformed, and every
+    non-tensor value (a learning rate, ...) loads as plain data."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    where = f"{manifest['dir']}/.metadata"
+    for index, info in metadata.storage_data.items():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or name not in manifest["files"] or name == ".metadata":
+            return f"{where} places {index.fqn!r} in {name!r}, which is not one of its shard files"
+        if getattr(info, "transform_descriptors", None):
+            return f"{where}: {index.fqn!r} is stored transformed, which trainkit never writes"
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            with (directory / name).open("rb") as f:
+                f.seek(info.offset)
+                value = io.BytesIO(f.read(info.length))
+            try:
+                torch.load(value, weights_only=True)
+            except Exception as err:
+                return (
+                    f"shard file {manifest['dir']}/{name} holds a value under {index.fqn!r} "
+                    f"that is not plain data, refused unread ({type(err).__name__})"
+                )
     return None
 
 
@@ -246,7 +335,13 @@ def load_shards(
     states = _states(model, opt)
     with warnings.catch_warnings():  # DCP warns that it loads in one process: as asked
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        load(states, checkpoint_id=path.parent / manifest["dir"], no_dist=not collective)
+        directory = path.parent / manifest["dir"]
+        load(
+            states,
+            storage_reader=_reader(directory),
+            planner=_planner(),
+            no_dist=not collective,
+        )
     if opt is None:
         set_model_state_dict(model, states["model"])
     else:
