@@ -13,6 +13,7 @@ so both compute the same gradients up to rounding. Validation: 101 samples (shar
 `--term`: rank 0 sends itself SIGTERM as batch BATCH of epoch EPOCH (from 0) starts.
 `--ddp`: under 2 processes, leave the model unsharded (`fit` wraps it in DDP).
 `--blocks-only`: shard the layers but not the model itself. `--compile`: `fit(compile=True)`.
+`--restore-best`: with `EarlyStopping(restore_best_weights=True)`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,16 @@ from torch import nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
 import trainkit.distributed
-from trainkit import Callback, ModelCheckpoint, TrainState, accuracy, evaluate, fit, predict
+from trainkit import (
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+    TrainState,
+    accuracy,
+    evaluate,
+    fit,
+    predict,
+)
 from trainkit.distributed import ShardSampler
 
 
@@ -71,6 +81,7 @@ def main() -> None:
     parser.add_argument("--ddp", action="store_true")
     parser.add_argument("--blocks-only", action="store_true")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--restore-best", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     trainkit.distributed.init(timeout_seconds=60)
@@ -96,6 +107,8 @@ def main() -> None:
                 args.dir, every_n_steps=args.every, save_top_k=args.top_k, monitor="val_loss"
             )
         ]
+        if args.restore_best:
+            callbacks.append(EarlyStopping("val_loss", restore_best_weights=True))
         if args.term is not None and rank == 0:
             callbacks.append(TermAt(*args.term))
         history = fit(args.epochs, model, F.cross_entropy, opt, train_dl, valid_dl,

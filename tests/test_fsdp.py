@@ -173,6 +173,7 @@ def test_a_sharded_checkpoint_refuses_another_model(sharded: Path) -> None:
     [
         ("--blocks-only", r"the model itself is not; call fully_shard\(model\) on the root too"),
         ("--compile", r"fit\(compile=True\) with a model sharded by fully_shard: not supported"),
+        ("--restore-best", r"EarlyStopping\(restore_best_weights=True\) with a model sharded"),
     ],
 )
 def test_what_fit_cannot_run_sharded_is_refused_on_every_rank(

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from trainkit._sharded import is_sharded
 from trainkit.callbacks.base import Callback, StopTraining
 from trainkit.state import TrainState
 
@@ -127,6 +128,14 @@ class EarlyStopping(Callback):
     def on_fit_start(self, state: TrainState) -> None:
         """Refuse a `monitor` the run will not record, and start counting afresh."""
         state.check_monitor(self.monitor, "EarlyStopping(monitor=...)")
+        if self.restore_best_weights and is_sharded(state.model):
+            # its copy would hold each rank's shards, and a checkpoint only rank 0's
+            raise ValueError(
+                "EarlyStopping(restore_best_weights=True) with a model sharded by fully_shard: "
+                "not supported; keep the best epoch with ModelCheckpoint(monitor=..., "
+                "save_top_k=1) and load it after fit: "
+                "load_checkpoint(dirpath / checkpoint.best[0][1], model=model)"
+            )
         self._reset()
 
     def on_epoch_end(self, state: TrainState) -> None:
