@@ -13,7 +13,7 @@ so both compute the same gradients up to rounding. Validation: 101 samples (shar
 `--term`: rank 0 sends itself SIGTERM as batch BATCH of epoch EPOCH (from 0) starts.
 `--ddp`: under 2 processes, leave the model unsharded (`fit` wraps it in DDP).
 `--blocks-only`: shard the layers but not the model itself. `--compile`: `fit(compile=True)`.
-`--restore-best`: with `EarlyStopping(restore_best_weights=True)`.
+`--restore-best`: with `EarlyStopping(restore_best_weights=True)`. `--lr-find`: `lr_find` first.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from trainkit import (
     accuracy,
     evaluate,
     fit,
+    lr_find,
     predict,
 )
 from trainkit.distributed import ShardSampler
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--blocks-only", action="store_true")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--restore-best", action="store_true")
+    parser.add_argument("--lr-find", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     trainkit.distributed.init(timeout_seconds=60)
@@ -111,10 +113,21 @@ def main() -> None:
             callbacks.append(EarlyStopping("val_loss", restore_best_weights=True))
         if args.term is not None and rank == 0:
             callbacks.append(TermAt(*args.term))
+        if args.lr_find:
+            lr_find(model, F.cross_entropy, opt, train_dl)
         history = fit(args.epochs, model, F.cross_entropy, opt, train_dl, valid_dl,
                       metrics={"accuracy": accuracy}, scheduler=scheduler, progress=False,
                       callbacks=callbacks, resume=args.resume, accumulate=args.accumulate,
                       clip_grad_norm=args.clip, compile=args.compile)  # fmt: skip
+        gathered_whole = resharded = False
+        if world > 1 and not args.ddp:
+            from torch.distributed.tensor import DTensor
+
+            from trainkit._sharded import gathered
+
+            with gathered(model):  # every block's parameters whole, before any forward
+                gathered_whole = not any(isinstance(p, DTensor) for p in model.parameters())
+            resharded = all(isinstance(p, DTensor) for p in model.parameters())
         evaluated = evaluate(model, F.cross_entropy, valid_dl, [accuracy])
         predicted = predict(model, valid_dl)
         records = [{k: v for k, v in r.items() if k != "seconds"} for r in history.records]
@@ -126,6 +139,7 @@ def main() -> None:
                     "records": records,
                     "evaluated": evaluated,
                     "predicted": predicted,  # rank 0's rows
+                    "gathered": [gathered_whole, resharded],
                 },
                 args.dir / "final.pt",
             )

@@ -485,3 +485,20 @@ def test_non_finite_weights_never_replace_a_good_checkpoint(tmp_path: Path) -> N
     restored = small_net()
     ckpt = load_checkpoint(mc.last_path, model=restored)
     assert ckpt.epoch == 0 and all(bool(p.isfinite().all()) for p in restored.parameters())
+
+
+def test_a_tensor_subclass_such_as_a_dtensor_is_refused_in_saved_state(tmp_path: Path) -> None:
+    """A sharded model's DTensor is one process's part: rank 0 alone would save its shard."""
+
+    class Part(torch.Tensor):
+        pass
+
+    with pytest.raises(TypeError, match=r"a Part cannot be saved in a checkpoint file"):
+        save_checkpoint(
+            tmp_path / "a.ckpt",
+            model=torch.nn.Linear(2, 2),
+            epoch=0,
+            step=0,
+            extra={"ema": torch.zeros(2).as_subclass(Part)},
+        )
+    assert not (tmp_path / "a.ckpt").exists()

@@ -77,6 +77,7 @@ def test_a_sharded_model_trains_as_it_is_and_agrees_with_one_process_and_ddp(
     rows = runs["one"]["predicted"][0::2]  # rank 0's shard: samples 0, 2, 4, ...
     torch.testing.assert_close(runs["fsdp"]["predicted"], rows, rtol=1e-4, atol=1e-5)
     assert runs["fsdp"]["model"].keys() == model().state_dict().keys()  # no wrapper's prefix
+    assert runs["fsdp"]["gathered"] == [True, True]  # every block whole, then sharded again
 
 
 def test_checkpoints_are_sharded_and_old_shards_go_with_their_files(sharded: Path) -> None:
@@ -147,6 +148,10 @@ def test_a_damaged_or_missing_shard_is_refused_and_nothing_changes(
     shutil.rmtree(shard.parent)
     with pytest.raises(CheckpointError, match=r"shards directory .* is missing"):
         load_checkpoint(copy / "last.ckpt", model=m)
+    # a link where the directory was, to a whole copy: never followed
+    shard.parent.symlink_to(next(sharded.glob("last.ckpt.shards-*")))
+    with pytest.raises(CheckpointError, match=r"is missing \(or a link, never followed\)"):
+        load_checkpoint(copy / "last.ckpt", model=m)
     assert all(torch.equal(m.state_dict()[k], v) for k, v in before.items())
 
 
@@ -174,6 +179,7 @@ def test_a_sharded_checkpoint_refuses_another_model(sharded: Path) -> None:
         ("--blocks-only", r"the model itself is not; call fully_shard\(model\) on the root too"),
         ("--compile", r"fit\(compile=True\) with a model sharded by fully_shard: not supported"),
         ("--restore-best", r"EarlyStopping\(restore_best_weights=True\) with a model sharded"),
+        ("--lr-find", r"lr_find with a model sharded by fully_shard: not supported"),
     ],
 )
 def test_what_fit_cannot_run_sharded_is_refused_on_every_rank(
@@ -207,7 +213,7 @@ def _with_manifest(sharded: Path, target: Path, shards: Path) -> None:
 
 
 def test_a_crafted_metadata_pickle_runs_no_code(sharded: Path, tmp_path: Path) -> None:
-    shards = tmp_path / "last.ckpt.shards-crafted"
+    shards = tmp_path / "last.ckpt.shards-0123456789ab"
     shutil.copytree(next(sharded.glob("last.ckpt.shards-*")), shards)
     marker = tmp_path / "ran"
     (shards / ".metadata").write_bytes(pickle.dumps(Runs(marker)))  # DCP: plain pickle.load
@@ -226,7 +232,7 @@ def test_a_crafted_value_in_a_shard_runs_no_code(sharded: Path, tmp_path: Path) 
     model_state, opt_state = get_state_dict(m, opt)
     marker = tmp_path / "ran"
     opt_state["param_groups"][0]["lr"] = Runs(marker)  # DCP: torch.load(weights_only=False)
-    shards = tmp_path / "last.ckpt.shards-crafted"
+    shards = tmp_path / "last.ckpt.shards-0123456789ab"
     dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=shards, no_dist=True)
     _with_manifest(sharded, tmp_path, shards)
     target = model()
@@ -239,3 +245,33 @@ def test_a_crafted_value_in_a_shard_runs_no_code(sharded: Path, tmp_path: Path) 
         )
     assert not marker.exists()
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
+
+
+def test_an_optimizer_over_other_parameters_is_refused_before_it_changes(sharded: Path) -> None:
+    m = model()
+    opt = torch.optim.Adam(m[2].parameters(), lr=1e-2)  # the run's Adam had every layer's
+    with pytest.raises(CheckpointError, match=r"optimizer state is for other parameters"):
+        load_checkpoint(sharded / "last.ckpt", model=m, optimizer=opt)
+    assert not opt.state  # no step with learning rate 0 was run to make a state to load into
+    two_groups = torch.optim.Adam(
+        [{"params": m[0].parameters()}, {"params": [*m[2].parameters(), *m[4].parameters()]}]
+    )
+    with pytest.raises(CheckpointError, match=r"has 1 parameter groups; this optimizer has 2"):
+        load_checkpoint(sharded / "last.ckpt", model=m, optimizer=two_groups)
+
+
+def test_a_copied_checkpoint_file_names_the_original_shards(sharded: Path, tmp_path: Path) -> None:
+    """A sharded checkpoint is the file and its directory: a copy of the file alone still
+    loads while the directory lives, and is refused (not misread) once the next save of the
+    original removed it."""
+    from trainkit._sharded import drop_shards
+
+    copy = tmp_path / "run"
+    shutil.copytree(sharded, copy)
+    shutil.copyfile(copy / "last.ckpt", copy / "backup.ckpt")
+    load_checkpoint(copy / "backup.ckpt", model=model())
+    drop_shards(copy / "last.ckpt")  # as the next save of last.ckpt does
+    with pytest.raises(CheckpointError, match=r"last\.ckpt\.shards-[0-9a-f]{12} is missing"):
+        load_checkpoint(copy / "backup.ckpt", model=model())
+    # only last.ckpt's own directories went: the best files' stayed
+    assert len(list(copy.glob("*.shards-*"))) == 2

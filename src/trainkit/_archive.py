@@ -36,6 +36,7 @@ def save_with_shards(payload: dict[str, Any], path: Path, manifest: dict[str, An
     atomic rename is the switch to them), then the shards of `path`'s earlier saves removed.
     If the file cannot be written, the new shards are removed and the old file stays."""
     try:
+        _fsync_dir(path.parent / manifest["dir"])  # its entries durable before the switch
         atomic_save({**payload, "sharded": manifest}, path)
     except BaseException:
         shutil.rmtree(path.parent / manifest["dir"], ignore_errors=True)
@@ -218,6 +219,13 @@ def load_safetensors(path: Path, map_location: torch.device | str) -> Any:
 
 
 def check_safe(value: Any, where: str) -> None:
+    if isinstance(value, Tensor) and type(value) not in (Tensor, torch.nn.Parameter):
+        # a DTensor (a sharded model's parameter): rank 0 would save its own shard alone
+        raise TypeError(
+            f"{where}: a {type(value).__name__} cannot be saved in a checkpoint file: it is one "
+            "process's part of a tensor (a model sharded by fully_shard); save plain tensors "
+            "(DTensor.full_tensor()) or leave them out"
+        )
     if value is None or isinstance(value, bool | int | float | str | Tensor | torch.dtype):
         return
     if isinstance(value, list | tuple):

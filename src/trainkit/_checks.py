@@ -5,6 +5,7 @@ weight names and shapes); then the restore itself."""
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch.optim import Optimizer
 
 from trainkit._format import FORMAT_MARKER, FORMAT_VERSION, STATES, Checkpoint, CheckpointError
 from trainkit._rng import numpy_state
-from trainkit._sharded import check_shards, is_sharded, load_shards
+from trainkit._sharded import SHARDS_SUFFIX, check_shards, is_sharded, load_shards
 from trainkit._types import Scheduler
 from trainkit.distributed import all_gather
 
@@ -186,7 +187,7 @@ def _check_manifest(path: Path, data: dict[str, Any]) -> None:
         isinstance(manifest, dict)
         and set(manifest) == {"dir", "files", "world_size"}
         and plain(manifest["dir"])
-        and ".shards-" in manifest["dir"]
+        and re.fullmatch(r".+" + SHARDS_SUFFIX, manifest["dir"])
         and isinstance(manifest["files"], dict)
         and manifest["files"]
         and all(
@@ -332,7 +333,9 @@ def check_targets(
                 )
     if data.get("sharded") is not None:
         collective = is_sharded(model)  # then every process checks a part of the files
-        problem = check_shards(path, data["sharded"], model, collective=collective)
+        opt = targets.get("optimizer")
+        assert opt is None or isinstance(opt, Optimizer)
+        problem = check_shards(path, data["sharded"], model, opt, collective=collective)
         problems = all_gather(problem) if collective else [problem]
         failed = [f"rank {r}: {p}" if len(problems) > 1 else p for r, p in enumerate(problems) if p]
         if failed:
@@ -435,7 +438,9 @@ def restore(
             if target is not None and current not in restored:
                 target.load_state_dict(data[current])
                 restored.append(current)
-    except Exception as err:  # every check passed, so this is unexpected: said as such
+    except BaseException as err:  # every check passed, so this is unexpected: said as such
+        if isinstance(err, KeyboardInterrupt | SystemExit):  # (DCP's errors are BaseExceptions)
+            raise
         raise CheckpointError(
             f"{path}: restoring the {current} failed after every check passed "
             f"({type(err).__name__}: {err}); restored before it: {restored or 'nothing'}"

@@ -22,6 +22,7 @@ import contextlib
 import io
 import os
 import pickle
+import re
 import secrets
 import shutil
 import warnings
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+SHARDS_SUFFIX = r"\.shards-[0-9a-f]{12}"  # after the checkpoint file's name
 
 
 def _fsdp_module() -> type[Any]:
@@ -101,12 +103,16 @@ def gathered(model: nn.Module) -> Iterator[None]:
     """Hold the whole parameters on every process while evaluating, then shard them again.
 
     FSDP2 gathers a module's parameters before each forward (a collective): validation shards
-    of different lengths would leave one process waiting for the others. Gathered once here,
-    every forward runs on this process alone, as the plain module under DDP does. The cost:
-    the whole model's parameters in memory while evaluating.
+    of different lengths would leave one process waiting for the others. Every sharded module
+    is gathered here, in module order, so every forward then runs on this process alone, as
+    the plain module under DDP does. The cost: the whole model's parameters in memory while
+    evaluating.
     """
     fsdp = _fsdp_module()
     modules = [m for m in model.modules() if isinstance(m, fsdp)]
+    # set up as the first forward would (the root then stops resharding after forward), so the
+    # settings saved here are those training runs with
+    model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
     # the per-group setting to put back (the root's differs from the blocks' by default)
     saved = [
         (state, state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in groups])
@@ -114,10 +120,10 @@ def gathered(model: nn.Module) -> Iterator[None]:
             (s, s._fsdp_param_groups) for s in (m._get_fsdp_state() for m in modules)
         )
     ]
-    for m in modules:
-        m.set_reshard_after_forward(False, recurse=False)
-    model.unshard()  # type: ignore[operator]
     try:
+        for m in modules:  # every block now, in module order (the same on every process):
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()  # a block a process's data never reaches must not be gathered late
         yield
     finally:
         for state, auto, infos in saved:
@@ -158,12 +164,15 @@ def write_shards(path: Path, model: nn.Module, opt: Optimizer | None) -> dict[st
     """
     from torch.distributed.checkpoint.state_dict_saver import save
 
-    name = f"{path.name}.shards-{broadcast_from_main(secrets.token_hex(6))}"
+    name = f"{path.name}.shards-{broadcast_from_main(secrets.token_hex(6))}"  # SHARDS_SUFFIX
     directory = path.parent / name
     try:
         save(_states(model, opt), checkpoint_id=directory)
-        files = sorted(p.name for p in directory.iterdir())
-        mine = {f: _size_and_crc(directory / f) for f in files[rank() :: world_size()]}
+        # the files this process wrote (DCP names them by rank; rank 0 writes the metadata),
+        # so a stale directory listing (a network filesystem) cannot leave one out
+        ours = [p.name for p in directory.glob(f"__{rank()}_*.distcp")]
+        ours += [".metadata"] * (rank() == 0)
+        mine = {f: _size_and_crc(directory / f) for f in ours}
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -175,11 +184,11 @@ def write_shards(path: Path, model: nn.Module, opt: Optimizer | None) -> dict[st
 
 def drop_shards(path: Path, keep: str | None = None) -> None:
     """Remove the shard directories of the checkpoint file `path`, except `keep`."""
-    prefix = f"{path.name}.shards-"
+    pattern = re.compile(re.escape(path.name) + SHARDS_SUFFIX)
     if not path.parent.is_dir():
         return
     for entry in path.parent.iterdir():
-        if entry.name.startswith(prefix) and entry.name != keep and entry.is_dir():
+        if pattern.fullmatch(entry.name) and entry.name != keep and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -243,7 +252,12 @@ def _planner() -> Any:
 
 
 def check_shards(
-    path: Path, manifest: dict[str, Any], model: nn.Module, *, collective: bool
+    path: Path,
+    manifest: dict[str, Any],
+    model: nn.Module,
+    opt: Optimizer | None,
+    *,
+    collective: bool,
 ) -> str | None:
     """What is wrong with the shards of `path` for `model`, or `None`.
 
@@ -253,14 +267,15 @@ def check_shards(
     """
     directory = path.parent / manifest["dir"]
     files = sorted(manifest["files"])
-    if not directory.is_dir():
-        return f"its shards directory {manifest['dir']} is missing"
+    if directory.is_symlink() or not directory.is_dir():
+        return f"its shards directory {manifest['dir']} is missing (or a link, never followed)"
     share = files[rank() :: world_size()] if collective else files
     for f in share:
         where = directory / f
-        if not where.is_file():
-            return f"shard file {manifest['dir']}/{f} is missing"
-        if _size_and_crc(where) != list(manifest["files"][f]):
+        if where.is_symlink() or not where.is_file():
+            return f"shard file {manifest['dir']}/{f} is missing (or a link, never followed)"
+        size, _ = manifest["files"][f]
+        if where.stat().st_size != size or _size_and_crc(where) != list(manifest["files"][f]):
             return f"shard file {manifest['dir']}/{f} is damaged (its size or CRC-32 differs)"
     try:
         read = _reader(directory).read_metadata()
@@ -287,6 +302,35 @@ def check_shards(
     problems += [f"unexpected keys: {', '.join(unexpected[:10])}"] * bool(unexpected)
     if problems:
         return f"the weights do not match {type(model).__name__}: " + "; ".join(problems)
+    return None if opt is None else _check_optimizer(metadata, model, opt)
+
+
+def _check_optimizer(metadata: dict[str, Any], model: nn.Module, opt: Optimizer) -> str | None:
+    """The saved optimizer states are for the parameters of `opt`, in as many groups.
+
+    Checked before loading: DCP would otherwise fail half-way, and `get_state_dict` first runs
+    a step with learning rate 0 on an optimizer that has no state yet.
+    """
+    names = {id(p): n for n, p in model.named_parameters()}
+    wanted = {names.get(id(p), "?") for group in opt.param_groups for p in group["params"]}
+    states = [
+        k.removeprefix("optimizer.state.") for k in metadata if k.startswith("optimizer.state.")
+    ]
+    saved = {n for n in names.values() if any(k.startswith(f"{n}.") for k in states)}
+    groups = {k.split(".")[2] for k in metadata if k.startswith("optimizer.param_groups.")}
+    if not states and not groups:
+        return "the shards hold no optimizer state to restore"
+    if len(groups) != len(opt.param_groups):
+        return (
+            f"the optimizer state has {len(groups)} parameter groups; this optimizer has "
+            f"{len(opt.param_groups)}: build it over the same parameters, in the same groups"
+        )
+    if saved != wanted:
+        missing, foreign = sorted(wanted - saved), sorted(saved - wanted)
+        return "the optimizer state is for other parameters than this optimizer's: " + "; ".join(
+            [f"none for {', '.join(missing[:10])}"] * bool(missing)
+            + [f"states for parameters it does not have: {', '.join(foreign[:10])}"] * bool(foreign)
+        )
     return None
 
 

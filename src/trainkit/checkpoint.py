@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,7 +56,7 @@ from trainkit._format import FORMAT_MARKER, FORMAT_VERSION, Checkpoint, Checkpoi
 from trainkit._rng import rng_state
 from trainkit._sharded import full_weights, is_sharded, write_shards
 from trainkit._types import Scheduler
-from trainkit.distributed import is_main_process
+from trainkit.distributed import all_gather, is_main_process
 
 __all__ = [
     "FORMAT_VERSION",
@@ -105,6 +105,9 @@ def save_weights(path: PathLike, model: nn.Module) -> Path:
     `safetensors` package: `pip install trainkit[safetensors]`), loadable by other tools; any
     other path with `torch.save`.
 
+    A model sharded by `fully_shard`: a collective (every process calls it); the whole
+    weights are gathered to rank 0, which alone writes them.
+
     Args:
         path: The file to write; its directory must exist.
         model: The model (a `DistributedDataParallel` or compiled wrapper is unwrapped).
@@ -150,7 +153,7 @@ def load_weights(
     Only tensors are read (`weights_only=True`, or the safetensors format): a file holding
     pickled code is refused. The records of a `torch.save` archive are checked against their
     CRC-32 checksums first. A checkpoint written by `save_checkpoint` is accepted too (its
-    model weights are used).
+    model weights are used), a sharded one as `load_checkpoint` says.
 
     Args:
         path: A `.safetensors` file, or a `torch.save` file of a state dict.
@@ -174,7 +177,7 @@ def load_weights(
     if path.suffix == ".safetensors":
         weights: Any = load_safetensors(path, location)
     else:
-        loaded = load_file(path, location, require_zip=False)
+        loaded = read_on_every_rank(model, lambda: load_file(path, location, require_zip=False))
         if is_checkpoint(loaded) and "sharded" in loaded:  # the weights are in its shards
             check_fields(path, loaded)
             check_targets(path, loaded, model, {}, strict)
@@ -190,6 +193,26 @@ def load_weights(
     checked = check_model(path, model, weights, strict)
     unwrap(model).load_state_dict(checked, strict=strict)
     return model
+
+
+def read_on_every_rank(model: nn.Module, read: Callable[[], Any]) -> Any:
+    """`read()`; for a sharded model (loading it is a collective), every rank's outcome
+    compared first, so that one rank failing to read fails every rank instead of leaving the
+    others waiting."""
+    if not is_sharded(model):
+        return read()
+    problem, data = None, None
+    try:
+        data = read()
+    except (CheckpointError, OSError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    failed = [f"rank {r}: {p}" for r, p in enumerate(all_gather(problem)) if p is not None]
+    if failed:
+        raise CheckpointError(
+            f"not every process can read the checkpoint ({'; '.join(failed)}); every process "
+            "loads a sharded model, so each must read it (a filesystem they all share)"
+        )
+    return data
 
 
 def save_checkpoint(
@@ -208,6 +231,9 @@ def save_checkpoint(
 
     `ModelCheckpoint` and `fit(resume=...)` use the same format, adding what an exact resume
     of `fit` needs (history, callback states, the epoch's data order, the training loader).
+    A model sharded by `fully_shard`: a collective; every process writes its shards of the
+    model and optimizer with `torch.distributed.checkpoint` into `<path>.shards-<token>/`,
+    then rank 0 writes `path`, naming them (see the distributed guide).
 
     Args:
         path: The file to write; its directory must exist.
@@ -276,6 +302,10 @@ def load_checkpoint(
     restored, so a failed load leaves every object passed in as it was. Random-number-generator
     states are returned, not applied (`fit(resume=...)` applies them).
 
+    A checkpoint of a model sharded by `fully_shard` (a file naming its shards beside it)
+    loads into a plain model in one process, or into a sharded model under any number of
+    processes: then it is a collective (every process calls it).
+
     Args:
         path: A file written by `save_checkpoint` or `ModelCheckpoint`.
         model: Restored from the checkpoint (a wrapper is unwrapped; a `module.` prefix written
@@ -304,7 +334,8 @@ def load_checkpoint(
     """
     path = Path(path)
     check_kinds("load_checkpoint", model, optimizer, scheduler, scaler)
-    data = read_checkpoint(path, map_location if map_location is not None else device_of(model))
+    location = map_location if map_location is not None else device_of(model)
+    data = read_on_every_rank(model, lambda: read_checkpoint(path, location))
     targets = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     weights = check_targets(path, data, model, targets, strict)
     return restore(path, data, model, targets, weights, strict)

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from trainkit._batch import canonical, check_loss, model_device, move_to, pair
 from trainkit._rng import rng_state, set_rng_state
+from trainkit._sharded import is_sharded
 from trainkit._types import LossFn
 
 __all__ = ["LRFinderResult", "lr_find"]
@@ -97,6 +98,11 @@ def lr_find(
         raise ValueError(f"lr_find(diverge=...): expected a number > 1, got {diverge!r}")
     if not 0 <= smoothing < 1:
         raise ValueError(f"lr_find(smoothing=...): expected a number in [0, 1), got {smoothing!r}")
+    if is_sharded(model):  # each process would decide alone when to stop: a hang
+        raise ValueError(
+            "lr_find with a model sharded by fully_shard: not supported; find the learning "
+            "rate on the model before sharding it, in one process"
+        )
     dev = model_device(model) if device is None else canonical(torch.device(device))
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(opt.state_dict())
