@@ -144,14 +144,14 @@ def test_sigterm_saves_mid_epoch_and_a_second_torchrun_ends_bitwise_equal(
     after step 12, mid-epoch (the second epoch is steps 8-14)."""
     sent = tmp_path / "sent"
     run = Torchrun(tmp_path / "ckpt", *ARGS, "--wait-at", "10", str(sent), "--vote-seconds", "0")
-    run.wait_for(r"^step 10$", 2)
+    run.wait_for(r"(?<!optimizer )step 10(?!\d)", 2)  # both ranks' lines may interleave
     if target == "agent":  # what a container's first process gets from Kubernetes
         os.kill(run.proc.pid, signal.SIGTERM)
     else:  # SLURM signals every process of the job step: the agent and the workers
         os.killpg(run.proc.pid, signal.SIGTERM)
     run.wait_for(r"Received 15 death signal, shutting down workers")
     sent.touch()
-    assert run.end() != 0, run.output  # torchrun reports the signal it got
+    assert run.end() == 1, run.output  # torchrun's status when it was signalled
     out = run.output
     stop = re.search(r"trainkit: SIGTERM: stopped after optimizer step (\d+) \(epoch 2,", out)
     assert stop is not None, out

@@ -43,12 +43,15 @@ def init(backend: str | None = None, *, timeout_seconds: float = 300) -> bool:
 
     Reads `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` and `LOCAL_RANK` (set by
     `torchrun`, on one node or many). Chooses `nccl` when CUDA is available (and pins this
-    process to GPU `LOCAL_RANK`), `gloo` otherwise.
+    process to GPU `LOCAL_RANK`), `gloo` otherwise. Under torchrun's restarts
+    (`--max-restarts`), each attempt uses keys of its own in the store torchrun's agent keeps
+    for the whole job, so a restarted group never reads the addresses of a failed attempt.
 
     Args:
         backend: Force a backend (`"gloo"`, `"nccl"`).
         timeout_seconds: How long a collective may wait for the other processes before failing
-            (so a dead peer ends the run with an error rather than a hang).
+            (so a dead peer ends the run with an error rather than a hang); joining the group
+            waits as long for the others at most.
 
     Returns:
         Whether a process group is now initialised.
@@ -104,7 +107,9 @@ def _attempt_store(timeout: datetime.timedelta) -> Any:
     `None` when not under torchrun's agent store: `init_process_group` builds its own.
     """
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not (
+        env.get("MASTER_ADDR") and env.get("MASTER_PORT")
+    ):
         return None
     # torch.distributed re-exports these without declaring it (mypy --strict): their home
     from torch._C._distributed_c10d import PrefixStore, TCPStore
