@@ -10,7 +10,9 @@ rank's final weights and History records (without `seconds`) to DIR/final-rank{R
 `--term`: rank RANK sends itself a real SIGTERM as batch BATCH of epoch EPOCH (from 0) starts.
 `--resume`: passed to `fit(resume=...)` (`auto` by default). `--sync-bn`:
 `fit(sync_batchnorm=True)`. `--wait-at STEP FILE`: after optimizer step STEP, wait (30 s at
-most) until FILE exists. `--vote-seconds S`: `StopVote.seconds`. Prints "step N" per batch.
+most) until FILE exists. `--vote-seconds S`: `StopVote.seconds`. `--kill-at STEP RANK`: under
+torchrun's first attempt (`TORCHELASTIC_RESTART_COUNT` 0), rank RANK kills itself with SIGKILL
+after optimizer step STEP, as a lost node would (no save, no message). Prints "step N" per batch.
 """
 
 from __future__ import annotations
@@ -64,6 +66,18 @@ class WaitAt(Callback):
                 time.sleep(0.01)
 
 
+class KillAt(Callback):
+    """SIGKILL this process after optimizer step `step`: nothing runs after it."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, state: TrainState) -> None:
+        if state.global_step == self.step:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class TermAt(Callback):
     def __init__(self, epoch: int, batch: int) -> None:
         self.epoch, self.batch = epoch, batch
@@ -83,6 +97,7 @@ def main() -> None:
     parser.add_argument("--sync-bn", action="store_true")
     parser.add_argument("--wait-at", nargs=2)
     parser.add_argument("--vote-seconds", type=float)
+    parser.add_argument("--kill-at", type=int, nargs=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.vote_seconds is not None:  # 0: the processes vote on stopping after every step
@@ -97,6 +112,9 @@ def main() -> None:
         callbacks: list[Callback] = [Report(), ModelCheckpoint(args.dir, every_n_steps=args.every)]
         if args.wait_at is not None:
             callbacks.append(WaitAt(int(args.wait_at[0]), Path(args.wait_at[1])))
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        if args.kill_at is not None and args.kill_at[1] == rank and first_attempt:
+            callbacks.append(KillAt(args.kill_at[0]))
         if args.term is not None and args.term[2] == rank:
             callbacks.append(TermAt(args.term[0], args.term[1]))
         history = fit(args.epochs, model, F.cross_entropy, opt, train_dl, valid_dl,

@@ -43,12 +43,15 @@ def init(backend: str | None = None, *, timeout_seconds: float = 300) -> bool:
 
     Reads `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT` and `LOCAL_RANK` (set by
     `torchrun`, on one node or many). Chooses `nccl` when CUDA is available (and pins this
-    process to GPU `LOCAL_RANK`), `gloo` otherwise.
+    process to GPU `LOCAL_RANK`), `gloo` otherwise. Under torchrun's restarts
+    (`--max-restarts`), each attempt uses keys of its own in the store torchrun's agent keeps
+    for the whole job, so a restarted group never reads the addresses of a failed attempt.
 
     Args:
         backend: Force a backend (`"gloo"`, `"nccl"`).
         timeout_seconds: How long a collective may wait for the other processes before failing
-            (so a dead peer ends the run with an error rather than a hang).
+            (so a dead peer ends the run with an error rather than a hang); joining the group
+            waits as long for the others at most.
 
     Returns:
         Whether a process group is now initialised.
@@ -74,6 +77,7 @@ def init(backend: str | None = None, *, timeout_seconds: float = 300) -> bool:
         return False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_seconds)
     # The communication threads started here inherit this thread's signal mask: with SIGINT
     # and SIGTERM blocked in them, a stop signal always reaches the main thread, where
     # fit's handler runs, rather than interrupting a thread inside a system call.
@@ -82,11 +86,43 @@ def init(backend: str | None = None, *, timeout_seconds: float = 300) -> bool:
     try:
         dist.init_process_group(
             backend or ("nccl" if torch.cuda.is_available() else "gloo"),
-            timeout=datetime.timedelta(seconds=timeout_seconds),
+            timeout=timeout,
+            store=_attempt_store(timeout),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
         )
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return True
+
+
+def _attempt_store(timeout: datetime.timedelta) -> Any:
+    """Under torchrun, the agent's store seen through a prefix of its own for this attempt.
+
+    torchrun's agent keeps one key-value store for all the attempts it starts
+    (`TORCHELASTIC_USE_AGENT_STORE`), and `init_process_group` writes the same keys in it on
+    every attempt: after a restart, a process could read a peer's address left by the failed
+    attempt and connect to a dead process ("Connection refused", or a hang in gloo's
+    `connectFullMesh`). The keys of each attempt (restart count, world size) are kept apart.
+    `None` when not under torchrun's agent store: `init_process_group` builds its own.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not (
+        env.get("MASTER_ADDR") and env.get("MASTER_PORT")
+    ):
+        return None
+    # torch.distributed re-exports these without declaring it (mypy --strict): their home
+    from torch._C._distributed_c10d import PrefixStore, TCPStore
+
+    store = TCPStore(
+        env["MASTER_ADDR"], int(env["MASTER_PORT"]), int(env["WORLD_SIZE"]), is_master=False,
+        timeout=timeout,
+    )  # fmt: skip
+    attempt = (
+        f"trainkit/{env.get('TORCHELASTIC_RUN_ID', '')}/restart"
+        f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}/world{env['WORLD_SIZE']}/"
+    )
+    return PrefixStore(attempt, store)
 
 
 class Preempted(SystemExit):
