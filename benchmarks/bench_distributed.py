@@ -30,6 +30,7 @@ import argparse
 import datetime
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -98,7 +99,17 @@ def _restart_worker(run_dir: Path, kill: bool, events: Path) -> None:
     dist.destroy_process_group()
 
 
-def _checkpoint_worker(size_m: int, saves: int, reps: int, out_dir: Path, result: Path) -> None:
+def _disk(path: Path) -> int:
+    """Bytes on disk of a checkpoint: the file, plus a sharded one's shards directory."""
+    size = path.stat().st_size if path.is_file() else 0
+    for d in [path] if path.is_dir() else path.parent.glob(f"{path.name}.shards-*"):
+        size += sum(f.stat().st_size for f in d.iterdir())
+    return size
+
+
+def _checkpoint_worker(
+    size_m: int, saves: int, reps: int, out_dir: Path, result: Path, sharded: bool
+) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
     from common import interleaved
@@ -114,6 +125,13 @@ def _checkpoint_worker(size_m: int, saves: int, reps: int, out_dir: Path, result
     width = round((size_m * 1e6 / layers) ** 0.5)
     model = nn.Sequential(*(m for _ in range(layers) for m in (nn.Linear(width, width), nn.ReLU())))
     n_params = sum(p.numel() for p in model.parameters())
+    if sharded:  # FSDP2: each Linear, then the root; each rank holds half of every tensor
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
     opt = optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     g = torch.Generator().manual_seed(rank)
     batches = [(torch.randn(8, width, generator=g), torch.randn(8, width, generator=g))
@@ -135,7 +153,7 @@ def _checkpoint_worker(size_m: int, saves: int, reps: int, out_dir: Path, result
             self.save(state)
             times.setdefault(self.name, []).append(time.perf_counter() - start)
             if rank == 0:
-                sizes[self.name] = self.path.stat().st_size
+                sizes[self.name] = _disk(self.path)
 
     class PlainSave(Timed):
         def save(self, state: TrainState) -> None:
@@ -157,13 +175,23 @@ def _checkpoint_worker(size_m: int, saves: int, reps: int, out_dir: Path, result
                 finally:
                     os.close(fd)
 
+    class DcpSave(Timed):
+        """A hand-written sharded save: every rank writes its shards with DCP."""
+
+        def save(self, state: TrainState) -> None:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+            from torch.distributed.checkpoint.state_dict_saver import save
+
+            model_state, opt_state = get_state_dict(model, opt)
+            save({"model": model_state, "optimizer": opt_state}, checkpoint_id=self.path)
+
     class TimedCheckpoint(ModelCheckpoint):
         def on_train_batch_end(self, state: TrainState) -> None:
             start = time.perf_counter()
             super().on_train_batch_end(state)
             times.setdefault("ModelCheckpoint last.ckpt", []).append(time.perf_counter() - start)
             if rank == 0:
-                sizes["ModelCheckpoint last.ckpt"] = self.last_path.stat().st_size
+                sizes["ModelCheckpoint last.ckpt"] = _disk(self.last_path)
 
     counter = [0]
 
@@ -177,19 +205,23 @@ def _checkpoint_worker(size_m: int, saves: int, reps: int, out_dir: Path, result
             callbacks=[make(folder)])  # fmt: skip
         dist.barrier()
         if rank == 0:
-            for f in folder.iterdir():
-                f.unlink()
-            folder.rmdir()
+            shutil.rmtree(folder)
 
-    variants = {
-        "torch.save": lambda: run(lambda d: PlainSave("torch.save", d / "ref.pt")),
-        "torch.save + fsync + rename": lambda: run(
-            lambda d: DurableSave("torch.save + fsync + rename", d / "ref.pt")
-        ),
+    last = {
         "ModelCheckpoint last.ckpt": lambda: run(
             lambda d: TimedCheckpoint(d, monitor=None, save_top_k=0, every_n_steps=1)
-        ),
+        )
     }
+    if sharded:
+        variants = {"dcp.save": lambda: run(lambda d: DcpSave("dcp.save", d / "ref")), **last}
+    else:
+        variants = {
+            "torch.save": lambda: run(lambda d: PlainSave("torch.save", d / "ref.pt")),
+            "torch.save + fsync + rename": lambda: run(
+                lambda d: DurableSave("torch.save + fsync + rename", d / "ref.pt")
+            ),
+            **last,
+        }
     interleaved(variants, reps)  # the per-run times are discarded; the per-save ones kept
     if rank == 0:
         per_save = {k: v[saves:] for k, v in times.items()}  # without the warm-up run's saves
@@ -265,7 +297,9 @@ def _restart_part(reps: int) -> str:
     )
 
 
-def _checkpoint_part(sizes: list[int], saves: int, reps: int, out_dir: str | None) -> str:
+def _checkpoint_part(
+    sizes: list[int], saves: int, reps: int, out_dir: str | None, sharded: bool = False
+) -> str:
     from common import table
 
     parts = []
@@ -273,16 +307,18 @@ def _checkpoint_part(sizes: list[int], saves: int, reps: int, out_dir: str | Non
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             result = Path(tmp) / "result.pt"
             code, _, out = _torchrun("--worker-checkpoint", str(size_m), str(saves), str(reps),
-                                     tmp, str(result), timeout=3600)  # fmt: skip
+                                     tmp, str(result), str(int(sharded)),
+                                     timeout=3600)  # fmt: skip
             if code != 0:
                 raise RuntimeError(f"torchrun failed ({code}):\n{out[-3000:]}")
             data = torch.load(result, weights_only=True)
         mb = {k: v / 1e6 for k, v in data["sizes"].items()}
         sizes_line = ", ".join(f"{k}: {v:.1f} MB" for k, v in mb.items())
+        reference = "dcp.save" if sharded else "torch.save"
         parts.append(
             f"### {data['params'] / 1e6:.1f} M parameters ({data['params'] * 4 / 1e6:.0f} MB of "
-            f"float32 weights, as much again of momentum)\n\nFile sizes: {sizes_line}.\n\n"
-            + table(data["times"], "torch.save")
+            f"float32 weights, as much again of momentum)\n\nOn disk: {sizes_line}.\n\n"
+            + table(data["times"], reference)
             + "\n"
         )
     return "\n".join(parts)
@@ -296,8 +332,10 @@ def main() -> None:
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--worker-checkpoint":
         torch.set_num_threads(1)
-        size_m, saves, reps, out_dir, result = sys.argv[2:7]
-        _checkpoint_worker(int(size_m), int(saves), int(reps), Path(out_dir), Path(result))
+        size_m, saves, reps, out_dir, result, sharded = sys.argv[2:8]
+        _checkpoint_worker(
+            int(size_m), int(saves), int(reps), Path(out_dir), Path(result), sharded == "1"
+        )
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=5)
@@ -312,7 +350,8 @@ def main() -> None:
 
     command = "python benchmarks/bench_distributed.py " + " ".join(sys.argv[1:])
     text = (
-        f"# Elastic restarts and DDP checkpoints under torchrun (2 processes, gloo, loopback)\n\n"
+        "# Elastic restarts, DDP and sharded checkpoints under torchrun "
+        "(2 processes, gloo, loopback)\n\n"
         f"Measured {datetime.date.today()} on {machine()} ({os.cpu_count()} cores, "
         f"{platform.system()}). Command: `OMP_NUM_THREADS=1 {command.strip()}`.\n\n"
     )
@@ -321,10 +360,15 @@ def main() -> None:
     text += "## Checkpoint write time under DDP (rank 0, per save)\n\n"
     text += _checkpoint_part(args.sizes, args.saves, args.reps, args.dir)
     text += (
-        "\n## Sharded checkpoints (torch.distributed.checkpoint)\n\n"
-        "<!-- DCP figures: to be added with FSDP2 / DCP checkpoints (same command, a `DCP` "
-        "variant) -->\nNot measured yet: trainkit writes DDP checkpoints whole, from rank 0.\n"
+        "\n## Sharded checkpoints under FSDP2 (torch.distributed.checkpoint, per save)\n\n"
+        "The same models sharded with `fully_shard` (each `Linear`, then the root); the time "
+        "of a save on rank 0, every rank writing its half. Variants, interleaved: `dcp.save` "
+        "(hand-written: `get_state_dict` and `torch.distributed.checkpoint.save`, which "
+        "fsyncs each file) and `ModelCheckpoint last.ckpt` (trainkit: the same DCP save into "
+        "a new directory, each rank's CRC-32 of its files gathered, the directory fsynced, "
+        "rank 0's file written atomically, the previous save's directory removed).\n\n"
     )
+    text += _checkpoint_part(args.sizes, args.saves, args.reps, args.dir, sharded=True)
     Path(args.out).write_text(text)
     print(text)
 

@@ -34,7 +34,7 @@ def final(dirpath: Path) -> dict[str, Any]:
     return result
 
 
-def model() -> torch.nn.Module:
+def model() -> torch.nn.Sequential:
     from fsdp_child import make_model
 
     return make_model()
@@ -224,16 +224,17 @@ def test_a_crafted_metadata_pickle_runs_no_code(sharded: Path, tmp_path: Path) -
 
 
 def test_a_crafted_value_in_a_shard_runs_no_code(sharded: Path, tmp_path: Path) -> None:
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save
 
     m = model()
     opt = torch.optim.Adam(m.parameters(), lr=1e-2)
     model_state, opt_state = get_state_dict(m, opt)
     marker = tmp_path / "ran"
-    opt_state["param_groups"][0]["lr"] = Runs(marker)  # DCP: torch.load(weights_only=False)
+    groups: Any = opt_state["param_groups"]
+    groups[0]["lr"] = Runs(marker)  # DCP loads it with torch.load(weights_only=False)
     shards = tmp_path / "last.ckpt.shards-0123456789ab"
-    dcp.save({"model": model_state, "optimizer": opt_state}, checkpoint_id=shards, no_dist=True)
+    save({"model": model_state, "optimizer": opt_state}, checkpoint_id=shards, no_dist=True)
     _with_manifest(sharded, tmp_path, shards)
     target = model()
     before = {k: v.clone() for k, v in target.state_dict().items()}
@@ -253,9 +254,9 @@ def test_an_optimizer_over_other_parameters_is_refused_before_it_changes(sharded
     with pytest.raises(CheckpointError, match=r"optimizer state is for other parameters"):
         load_checkpoint(sharded / "last.ckpt", model=m, optimizer=opt)
     assert not opt.state  # no step with learning rate 0 was run to make a state to load into
-    two_groups = torch.optim.Adam(
-        [{"params": m[0].parameters()}, {"params": [*m[2].parameters(), *m[4].parameters()]}]
-    )
+    later = list(m[2].parameters()) + list(m[4].parameters())
+    groups: list[dict[str, Any]] = [{"params": m[0].parameters()}, {"params": later}]
+    two_groups = torch.optim.Adam(groups)
     with pytest.raises(CheckpointError, match=r"has 1 parameter groups; this optimizer has 2"):
         load_checkpoint(sharded / "last.ckpt", model=m, optimizer=two_groups)
 
