@@ -22,7 +22,6 @@ import os
 import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn, optim
 from torch.utils.data import TensorDataset
 
 import trainkit.distributed
+from procs import run_and_exit
 from trainkit import Callback, ModelCheckpoint, TrainState, fit, get_data, seed_everything
 
 
@@ -131,17 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Ended with os._exit after flushing, as multiprocessing ends its workers: interpreter
-    # teardown with gloo's threads still around was seen, rarely, to abort a finished process
-    # (SIGABRT, "terminate called without an active exception"), after everything was written.
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:  # Preempted: status 143
-        code = stop.code if isinstance(stop.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_and_exit(main)

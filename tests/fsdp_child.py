@@ -21,17 +21,17 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn, optim
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 import trainkit.distributed
+from dist_child import datasets
+from procs import run_and_exit
 from trainkit import (
     Callback,
     EarlyStopping,
@@ -44,13 +44,6 @@ from trainkit import (
     predict,
 )
 from trainkit.distributed import ShardSampler
-
-
-def datasets() -> tuple[TensorDataset, TensorDataset]:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(301, 20, generator=g)
-    y = (x[:, :3] * torch.tensor([1.0, 2.0, 3.0])).argmax(1)
-    return TensorDataset(x[:200], y[:200]), TensorDataset(x[200:], y[200:])
 
 
 def make_model() -> nn.Sequential:
@@ -149,15 +142,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # ended with os._exit after flushing, as tests/dist_child.py (gloo's threads at teardown)
-    code = 0
-    try:
-        main()
-    except SystemExit as stop:  # Preempted: status 143
-        code = stop.code if isinstance(stop.code, int) else 1
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    run_and_exit(main)

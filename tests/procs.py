@@ -1,4 +1,5 @@
-"""Start a test's child script in `n` processes as torchrun starts its workers, bounded in time."""
+"""Start a test's child script in `n` processes as torchrun starts its workers, bounded in time;
+and end such a child script."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -63,3 +67,23 @@ def launch(
                 p.kill()
                 p.wait()
     return Ended([p.returncode for p in procs], [o for o, _ in outs], [e for _, e in outs])
+
+
+def run_and_exit(main: Callable[[], None]) -> NoReturn:
+    """Run a child script's `main`; end the process with its status (143 for `Preempted`).
+
+    Ended with os._exit after flushing, as multiprocessing ends its workers: interpreter
+    teardown with gloo's threads still around was seen, rarely, to abort a finished process
+    (SIGABRT, "terminate called without an active exception"), after everything was written.
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as stop:  # Preempted: status 143
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

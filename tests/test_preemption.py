@@ -9,17 +9,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+import procs
+from procs import Ended
 from trainkit import CheckpointError, load_checkpoint
 
 CHILD = Path(__file__).with_name("dist_child.py")
@@ -34,48 +33,11 @@ def model() -> torch.nn.Module:
 EPOCHS = 3  # 7 steps per epoch under 2 processes, 13 in one
 
 
-@dataclass
-class Ended:
-    codes: list[int]
-    stdout: list[str]
-    stderr: list[str]
-
-
 def launch(
     n: int, dirpath: Path, *args: str, timeout: float = 60, cwd: list[Path] | None = None
 ) -> Ended:
     """Run dist_child.py in `n` processes (torchrun's environment for n > 1), bounded."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    if n > 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env.update(WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(CHILD), str(dirpath), *args],
-            env={**env, **({"RANK": str(r), "LOCAL_RANK": str(r)} if n > 1 else {})},
-            cwd=cwd[r] if cwd else None,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(n)
-    ]
-    deadline = time.monotonic() + timeout
-    outs: list[tuple[str, str]] = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic())))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"a child process still ran after {timeout} s: a hang")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return Ended([p.returncode for p in procs], [o for o, _ in outs], [e for _, e in outs])
+    return procs.launch(CHILD, n, str(dirpath), *args, timeout=timeout, cwd=cwd)
 
 
 def final(dirpath: Path, rank: int) -> dict[str, Any]:
