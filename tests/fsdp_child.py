@@ -14,6 +14,7 @@ so both compute the same gradients up to rounding. Validation: 101 samples (shar
 `--ddp`: under 2 processes, leave the model unsharded (`fit` wraps it in DDP).
 `--blocks-only`: shard the layers but not the model itself. `--compile`: `fit(compile=True)`.
 `--restore-best`: with `EarlyStopping(restore_best_weights=True)`. `--lr-find`: `lr_find` first.
+`--weights-only`: `ModelCheckpoint(save_weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--restore-best", action="store_true")
     parser.add_argument("--lr-find", action="store_true")
+    parser.add_argument("--weights-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     trainkit.distributed.init(timeout_seconds=60)
@@ -99,7 +101,11 @@ def main() -> None:
         valid_dl = DataLoader(valid_ds, batch_size=25, sampler=ShardSampler(valid_ds))
         callbacks: list[Callback] = [
             ModelCheckpoint(
-                args.dir, every_n_steps=args.every, save_top_k=args.top_k, monitor="val_loss"
+                args.dir,
+                every_n_steps=args.every,
+                save_top_k=args.top_k,
+                monitor="val_loss",
+                save_weights_only=args.weights_only,
             )
         ]
         if args.restore_best:

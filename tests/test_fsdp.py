@@ -276,3 +276,15 @@ def test_a_copied_checkpoint_file_names_the_original_shards(sharded: Path, tmp_p
         load_checkpoint(copy / "backup.ckpt", model=model())
     # only last.ckpt's own directories went: the best files' stayed
     assert len(list(copy.glob("*.shards-*"))) == 2
+
+
+def test_best_weights_only_files_hold_the_whole_weights_of_a_sharded_model(tmp_path: Path) -> None:
+    ended = run(2, tmp_path, "2", "--weights-only", "--top-k", "-1")
+    assert ended.codes == [0, 0], ended.stderr
+    best = sorted(tmp_path.glob("*.safetensors"))
+    assert len(best) == 2  # one per epoch, written by rank 0 from the gathered weights
+    assert not [p for p in tmp_path.glob("*.shards-*") if not p.name.startswith("last.ckpt")]
+    m = load_weights(best[-1], model())  # whole tensors of the model's own shapes
+    # the last epoch's file: the same weights as the run ended with
+    for key, value in final(tmp_path)["model"].items():
+        assert torch.equal(m.state_dict()[key], value)
