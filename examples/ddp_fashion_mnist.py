@@ -5,6 +5,7 @@
     torchrun --nnodes=2 --node_rank=0 --master_addr=HOST --nproc_per_node=4 \\
         examples/ddp_fashion_mnist.py                                 # and on several machines
     torchrun --max-restarts=3 --nproc_per_node=2 examples/ddp_fashion_mnist.py   # restartable
+    torchrun --nproc_per_node=2 examples/ddp_fashion_mnist.py --fsdp  # the model sharded (FSDP2)
 
 The only distributed line is `trainkit.distributed.init()`: it joins the process group torchrun
 describes (gloo on CPU, nccl on CUDA) and does nothing under plain `python`. `get_data` then
@@ -14,6 +15,10 @@ processes, and lets only rank 0 print and write checkpoints.
 The elastic recipe is `fit(..., resume="auto")`: a restarted job (torchrun's `--max-restarts`, a
 requeued SLURM job, a rescheduled pod) continues from `--out`'s last.ckpt, a first one starts
 fresh; SIGTERM saves last.ckpt after the current step and exits with status 143.
+
+`--fsdp` shards the model with FSDP2's `fully_shard` (each Linear, then the whole model) before
+the optimizer is built: `fit` then uses it as it is, and its checkpoints are written in shards
+by every process (`torch.distributed.checkpoint`) beside `--out`'s files.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="folder holding FashionMNIST")
     parser.add_argument("--out", default="runs/ddp", help="checkpoint directory")
     parser.add_argument("--smoke", action="store_true", help="a few batches of the real data")
+    parser.add_argument("--fsdp", action="store_true", help="shard the model (FSDP2)")
     args = parser.parse_args(argv)
 
     trainkit.distributed.init()
@@ -62,6 +68,13 @@ def main(argv: list[str] | None = None) -> None:
     # one GPU per process: the one torchrun's LOCAL_RANK names (init() made it current)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
+    if args.fsdp and trainkit.distributed.is_distributed():
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)  # the root last; the optimizer after sharding
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     checkpoints = ModelCheckpoint(
         Path(args.out), monitor="val_accuracy", mode="max", every_n_steps=200

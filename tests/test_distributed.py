@@ -180,7 +180,8 @@ def test_shard_sampler_covers_every_sample_once() -> None:
         trainkit.distributed.ShardSampler(range(5), num_replicas=3, rank=3)
 
 
-def test_the_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_the_ddp_example_runs_under_torchrun(tmp_path: Path, sharded: bool) -> None:
     import subprocess
     import sys
 
@@ -192,7 +193,8 @@ def test_the_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
         pytest.skip(f"real FashionMNIST not on this machine: {err}")
     example = Path(__file__).resolve().parents[1] / "examples" / "ddp_fashion_mnist.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(example), "--smoke", "--epochs", "2", "--out", str(tmp_path)]  # fmt: skip
+           str(example), "--smoke", "--epochs", "2", "--out", str(tmp_path),
+           *(["--fsdp"] if sharded else [])]  # fmt: skip
     result = subprocess.run(
         cmd, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
@@ -200,3 +202,6 @@ def test_the_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
     assert "on 2 process(es)" in result.stdout
     assert result.stdout.count("epoch 2/2") == 1  # printed by rank 0 only
     assert (tmp_path / "last.ckpt").is_file()
+    # sharded: every process wrote its shards beside the file
+    shards = list(tmp_path.glob("last.ckpt.shards-*/__1_0.distcp"))
+    assert len(shards) == (1 if sharded else 0)
