@@ -14,7 +14,8 @@ so both compute the same gradients up to rounding. Validation: 101 samples (shar
 `--ddp`: under 2 processes, leave the model unsharded (`fit` wraps it in DDP).
 `--blocks-only`: shard the layers but not the model itself. `--compile`: `fit(compile=True)`.
 `--restore-best`: with `EarlyStopping(restore_best_weights=True)`. `--lr-find`: `lr_find` first.
-`--weights-only`: `ModelCheckpoint(save_weights_only=True)`.
+`--weights-only`: `ModelCheckpoint(save_weights_only=True)`. `--fail-read-back`: rank 1 cannot
+read back the shards it wrote.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn, optim
 from torch.utils.data import DataLoader
 
+import trainkit._sharded
 import trainkit.distributed
 from dist_child import datasets
 from procs import run_and_exit
@@ -79,10 +81,17 @@ def main() -> None:
     parser.add_argument("--restore-best", action="store_true")
     parser.add_argument("--lr-find", action="store_true")
     parser.add_argument("--weights-only", action="store_true")
+    parser.add_argument("--fail-read-back", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     trainkit.distributed.init(timeout_seconds=60)
     rank, world = trainkit.distributed.rank(), trainkit.distributed.world_size()
+    if args.fail_read_back and rank == 1:  # rank 1 alone cannot read back what it wrote
+
+        def unreadable(path: Path) -> list[int]:
+            raise OSError(f"simulated read error on {path.name}")
+
+        trainkit._sharded._size_and_crc = unreadable
     try:
         train_ds, valid_ds = datasets()
         model = make_model()

@@ -288,3 +288,12 @@ def test_best_weights_only_files_hold_the_whole_weights_of_a_sharded_model(tmp_p
     # the last epoch's file: the same weights as the run ended with
     for key, value in final(tmp_path)["model"].items():
         assert torch.equal(m.state_dict()[key], value)
+
+
+def test_a_save_failing_on_one_rank_fails_every_rank_and_leaves_no_shards(tmp_path: Path) -> None:
+    ended = run(2, tmp_path, "1", "--every", "2", "--fail-read-back")
+    assert ended.codes == [1, 1]  # no hang: the ranks compare notes after writing
+    for err in ended.stderr:
+        assert "rank 1: OSError: simulated read error on __1_0.distcp" in err, err
+    assert not list(tmp_path.glob("*.shards-*"))
+    assert not (tmp_path / "last.ckpt").exists()

@@ -166,6 +166,7 @@ def write_shards(path: Path, model: nn.Module, opt: Optimizer | None) -> dict[st
 
     name = f"{path.name}.shards-{broadcast_from_main(secrets.token_hex(6))}"  # SHARDS_SUFFIX
     directory = path.parent / name
+    problem, mine = None, {}
     try:
         save(_states(model, opt), checkpoint_id=directory)
         # the files this process wrote (DCP names them by rank; rank 0 writes the metadata),
@@ -173,11 +174,18 @@ def write_shards(path: Path, model: nn.Module, opt: Optimizer | None) -> dict[st
         ours = [p.name for p in directory.glob(f"__{rank()}_*.distcp")]
         ours += [".metadata"] * (rank() == 0)
         mine = {f: _size_and_crc(directory / f) for f in ours}
-    except BaseException:
+    except BaseException as err:  # (DCP's own errors are BaseExceptions, raised on every rank)
+        if isinstance(err, KeyboardInterrupt | SystemExit):
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        problem = f"{type(err).__name__}: {err}"
+    parts = all_gather((problem, mine))  # a rank failing alone must not leave the others waiting
+    failed = [f"rank {r}: {p}" for r, (p, _) in enumerate(parts) if p is not None]
+    if failed:
         shutil.rmtree(directory, ignore_errors=True)
-        raise
+        raise OSError(f"writing the shards of {path} failed ({'; '.join(failed)})")
     sums: dict[str, list[int]] = {}
-    for part in all_gather(mine):
+    for _, part in parts:
         sums.update(part)
     return {"dir": name, "files": sums, "world_size": world_size()}
 
