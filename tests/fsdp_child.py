@@ -21,8 +21,6 @@ read back the shards it wrote.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 from pathlib import Path
 
 import torch
@@ -33,13 +31,12 @@ from torch.utils.data import DataLoader
 
 import trainkit._sharded
 import trainkit.distributed
-from dist_child import datasets
+from dist_child import TermAt, datasets
 from procs import run_and_exit
 from trainkit import (
     Callback,
     EarlyStopping,
     ModelCheckpoint,
-    TrainState,
     accuracy,
     evaluate,
     fit,
@@ -54,15 +51,6 @@ def make_model() -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3)
     )
-
-
-class TermAt(Callback):
-    def __init__(self, epoch: int, batch: int) -> None:
-        self.epoch, self.batch = epoch, batch
-
-    def on_train_batch_start(self, state: TrainState) -> None:
-        if (state.epoch, state.step) == (self.epoch, self.batch):
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main() -> None:
