@@ -49,6 +49,17 @@ def make_three_class(n: int, *, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, (x[:, 0] > 0).long() + (x[:, 1] > 0).long())
 
 
+class Crash(Callback):
+    """Kills the run (as a crash would) after `at` optimizer steps."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, state: TrainState) -> None:
+        if state.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
 class Scripted(Callback):
     """Feeds a scripted val_loss to the callbacks after it (stands in for real figures)."""
 

@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import Scripted, make_three_class, small_net
+from conftest import Crash, Scripted, make_three_class, small_net
 from trainkit import (
     Callback,
     CheckpointError,
     EarlyStopping,
     ModelCheckpoint,
-    TrainState,
     fit,
     load_checkpoint,
     load_weights,
@@ -341,17 +340,6 @@ class Net(nn.Module):
         xb = self.drop(xb)
         xb = F.relu(self.conv2(xb))
         return F.avg_pool2d(xb, 7).view(-1, 10)
-
-
-class Crash(Callback):
-    """Kills the run (as a crash would) after `at` optimizer steps."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, state: TrainState) -> None:
-        if state.global_step == self.at:
-            raise RuntimeError("simulated crash")
 
 
 def run(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn, optim
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import small_net
 from trainkit import (
     Checkpoint,
     CheckpointError,
@@ -30,12 +31,8 @@ from trainkit import (
 )
 
 
-def small() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
 def objects() -> tuple[nn.Sequential, optim.Optimizer, optim.lr_scheduler.StepLR]:
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return model, opt, optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
 
@@ -125,7 +122,7 @@ def test_one_bit_flipped_in_a_tensor_record_is_refused(saved: tuple[Path, nn.Mod
     ):
         load_all(path)
     with pytest.raises(CheckpointError, match=r"c\.ckpt: damaged"):
-        load_weights(path, small())
+        load_weights(path, small_net())
 
 
 def test_a_record_flipped_into_a_directory_is_refused(saved: tuple[Path, nn.Module]) -> None:
@@ -173,9 +170,9 @@ def test_files_without_checksums_are_not_written(tmp_path: Path) -> None:
     torch.serialization.set_crc32_options(False)
     try:
         with pytest.raises(ValueError, match=r"set_crc32_options\(False\) is in effect"):
-            save_checkpoint(tmp_path / "c.ckpt", model=small(), epoch=0, step=0)
+            save_checkpoint(tmp_path / "c.ckpt", model=small_net(), epoch=0, step=0)
         with pytest.raises(ValueError, match=r"set_crc32_options\(False\) is in effect"):
-            save_weights(tmp_path / "w.pth", small())
+            save_weights(tmp_path / "w.pth", small_net())
     finally:
         torch.serialization.set_crc32_options(True)
     assert list(tmp_path.iterdir()) == []
@@ -241,7 +238,7 @@ def test_malformed_fields_are_named(
 ) -> None:
     path, _ = saved
     bad = rewrite(path, name, change)
-    model = small()
+    model = small_net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(CheckpointError, match=rf"{name}: .*{message}"):
         load_checkpoint(bad, model=model)
@@ -250,20 +247,20 @@ def test_malformed_fields_are_named(
 
 def test_a_pickle_named_safetensors_is_named_as_such(tmp_path: Path) -> None:
     pytest.importorskip("safetensors")
-    model = small()
+    model = small_net()
     torch.save(model.state_dict(), tmp_path / "w.safetensors")
     with pytest.raises(
         CheckpointError,
         match=r"w\.safetensors: named \.safetensors but it is a torch\.save zip archive, not a "
         r"safetensors file",
     ):
-        load_weights(tmp_path / "w.safetensors", small())
+        load_weights(tmp_path / "w.safetensors", small_net())
     import pickle
 
     with open(tmp_path / "p.safetensors", "wb") as f:
         pickle.dump({k: v.numpy() for k, v in model.state_dict().items()}, f)
     with pytest.raises(CheckpointError, match=r"p\.safetensors: .* it is a pickle"):
-        load_weights(tmp_path / "p.safetensors", small())
+        load_weights(tmp_path / "p.safetensors", small_net())
 
 
 def save_as_if_on_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -292,7 +289,7 @@ def test_a_gpu_written_checkpoint_loads_onto_the_models_device(
         )  # fmt: skip
         assert ckpt.restored == ["model", "optimizer", "scheduler"]
         assert equal(other.state_dict(), model.state_dict())
-    assert equal(load_weights(tmp_path / "gpu.ckpt", small()).state_dict(), model.state_dict())
+    assert equal(load_weights(tmp_path / "gpu.ckpt", small_net()).state_dict(), model.state_dict())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU-only machine is the case")
@@ -301,13 +298,13 @@ def test_fit_resumes_a_gpu_written_run_on_the_cpu(
 ) -> None:
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
-    model = small()
+    model = small_net()
     with monkeypatch.context() as patch:
         save_as_if_on_gpu(patch)
         fit(1, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
             DataLoader(ds, batch_size=8), callbacks=[ModelCheckpoint(tmp_path, save_top_k=0)],
             progress=False)  # fmt: skip
-    resumed = small()
+    resumed = small_net()
     history = fit(2, resumed, F.cross_entropy, optim.SGD(resumed.parameters(), lr=0.1),
                   DataLoader(ds, batch_size=8), progress=False, resume=tmp_path)  # fmt: skip
     assert [r["epoch"] for r in history] == [1, 2]

@@ -14,11 +14,11 @@ from torch import Tensor, nn, optim
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 from torchvision.transforms import ToTensor
 
+from conftest import Crash, small_net
 from trainkit import (
     Callback,
     CheckpointError,
     ModelCheckpoint,
-    TrainState,
     fashion_mnist,
     fit,
     get_data,
@@ -28,14 +28,10 @@ from trainkit import (
 )
 
 
-def small() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
 def trained(tmp_path: Path) -> tuple[Path, nn.Module, optim.Optimizer, Any]:
     """A checkpoint of an SGD + StepLR model after one step."""
     torch.manual_seed(0)
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     loss = F.cross_entropy(model(torch.randn(5, 4)), torch.zeros(5, dtype=torch.long))
@@ -77,7 +73,7 @@ def equal(a: Any, b: Any) -> bool:
 
 def test_sgd_state_into_adam_is_refused_naming_both(tmp_path: Path) -> None:
     path, *_ = trained(tmp_path)
-    model = small()
+    model = small_net()
     adam = optim.Adam(model.parameters(), lr=1e-3)
     with pytest.raises(
         CheckpointError,
@@ -90,7 +86,7 @@ def test_sgd_state_into_adam_is_refused_naming_both(tmp_path: Path) -> None:
 
 def test_steplr_state_into_onecyclelr_is_refused_naming_both(tmp_path: Path) -> None:
     path, *_ = trained(tmp_path)
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     one_cycle = optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=100)
     with pytest.raises(
@@ -106,7 +102,7 @@ def test_scheduler_state_with_foreign_keys_never_replaces_its_optimizer(tmp_path
     data = torch.load(path, weights_only=True)
     data["scheduler"]["optimizer"] = {"param_groups": []}  # a crafted file: same class
     torch.save(data, tmp_path / "foreign.ckpt")
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     with pytest.raises(
@@ -118,18 +114,18 @@ def test_scheduler_state_with_foreign_keys_never_replaces_its_optimizer(tmp_path
 
 def test_fit_refuses_to_resume_with_another_optimizer_class(tmp_path: Path) -> None:
     ds = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
-    model = small()
+    model = small_net()
     fit(1, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
         DataLoader(ds, batch_size=8), callbacks=[ModelCheckpoint(tmp_path, save_top_k=0)],
         progress=False)  # fmt: skip
-    resumed = small()
+    resumed = small_net()
     with pytest.raises(CheckpointError, match=r"saved from a torch\.optim\.sgd\.SGD.*Adam"):
         fit(2, resumed, F.cross_entropy, optim.Adam(resumed.parameters()),
             DataLoader(ds, batch_size=8), progress=False, resume=tmp_path)  # fmt: skip
 
 
 def test_objects_of_the_wrong_kind_are_refused_at_run_time(tmp_path: Path) -> None:
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1)
     sched = optim.lr_scheduler.StepLR(opt, step_size=1)
     with pytest.raises(
@@ -176,7 +172,7 @@ def test_a_failed_load_leaves_every_object_bitwise_unchanged(
     path, *_ = trained(tmp_path)
     bad = crafted(path, name, change)
     torch.manual_seed(1)
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.autograd.backward(model(torch.randn(2, 4)).sum())
     opt.step()  # a momentum buffer of its own
@@ -191,12 +187,12 @@ def test_a_failed_load_leaves_every_object_bitwise_unchanged(
 def test_a_failed_resume_leaves_every_object_bitwise_unchanged(tmp_path: Path) -> None:
     """fit(resume=...) with a checkpoint whose RNG state is bad: nothing restored."""
     ds = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     fit(1, model, F.cross_entropy, opt, DataLoader(ds, batch_size=8),
         callbacks=[ModelCheckpoint(tmp_path, save_top_k=0)], progress=False)  # fmt: skip
     crafted(tmp_path / "last.ckpt", "last.ckpt", bad_rng)
-    other = small()
+    other = small_net()
     other_opt = optim.SGD(other.parameters(), lr=0.1, momentum=0.9)
     before = snapshot(other, other_opt)
     with pytest.raises(CheckpointError, match=r"field 'rng' is not a valid random-generator"):
@@ -208,15 +204,6 @@ def test_a_failed_resume_leaves_every_object_bitwise_unchanged(tmp_path: Path) -
 # --- 9: another training loader -------------------------------------------------------------------
 
 
-class Crash(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_end(self, state: TrainState) -> None:
-        if state.global_step == self.at:
-            raise RuntimeError("simulated crash")
-
-
 def rows(n: int) -> TensorDataset:
     g = torch.Generator().manual_seed(n)
     return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
@@ -225,7 +212,7 @@ def rows(n: int) -> TensorDataset:
 def crash_mid_epoch(dirpath: Path) -> None:
     """64 rows in batches of 8 (8 per epoch); a checkpoint every 3 steps; a crash at step 4."""
     seed_everything(0)
-    model = small()
+    model = small_net()
     with pytest.raises(RuntimeError, match="simulated crash"):
         fit(2, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
             DataLoader(rows(64), batch_size=8, shuffle=True),
@@ -247,7 +234,7 @@ def test_a_mid_epoch_checkpoint_resumed_with_another_loader_is_refused(
     tmp_path: Path, loader: Any, difference: str
 ) -> None:
     crash_mid_epoch(tmp_path)
-    model = small()
+    model = small_net()
     opt = optim.SGD(model.parameters(), lr=0.1)
     before = snapshot(model, opt)
     with pytest.raises(CheckpointError) as info:
@@ -261,7 +248,7 @@ def test_a_mid_epoch_checkpoint_resumed_with_another_loader_is_refused(
 
 def test_a_mid_epoch_checkpoint_resumes_with_an_equal_loader(tmp_path: Path) -> None:
     crash_mid_epoch(tmp_path)
-    model = small()
+    model = small_net()
     history = fit(2, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1),
                   DataLoader(rows(64), batch_size=8, shuffle=True), progress=False,
                   resume=tmp_path)  # fmt: skip
@@ -315,10 +302,10 @@ def worker_loader(persistent: bool) -> DataLoader[Any]:
 
 def test_resume_after_epoch_0_with_persistent_workers_is_refused(tmp_path: Path) -> None:
     seed_everything(0)
-    model = small()
+    model = small_net()
     fit(1, model, F.cross_entropy, optim.SGD(model.parameters(), lr=0.1), worker_loader(True),
         callbacks=[ModelCheckpoint(tmp_path, save_top_k=0)], progress=False)  # fmt: skip
-    resumed = small()
+    resumed = small_net()
     for persistent in (True, False):  # the run it belongs to had persistent workers
         with pytest.raises(
             CheckpointError,
@@ -335,7 +322,7 @@ def test_resume_inside_epoch_0_with_persistent_workers_is_exact(tmp_path: Path) 
 
     def run(dirpath: Path, crash: bool) -> nn.Module:
         seed_everything(0)
-        model = small()
+        model = small_net()
         resume = dirpath if (dirpath / "last.ckpt").is_file() else None
         if resume is not None:
             seed_everything(12345)  # as a new process would: resume restores the generators
